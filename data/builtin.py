@@ -1,0 +1,212 @@
+"""Built-in data: ``builtin:shapes``, a procedural labelled image set, and `resolve_data`.
+
+Why: smoke runs, tests and CI need a dataset that exists everywhere, downloads nothing, has labels
+(so k-NN accuracy means something: chance is 1/12) and is not trivially separable by colour or
+background alone. Class = shape; colour, size, position, rotation and textured background
+(noise, stripes, gradients, checkers) vary per image. Deterministic by seed; written once as JPEG
+ImageFolder ``train/`` and ``val/`` into the cache (atomically) and reused.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from genssl.data.index import default_cache_dir
+
+SHAPES_VERSION = 1
+CLASSES = ("arrow", "circle", "cross", "crescent", "diamond", "ellipse_bar", "heart", "hexagon",
+           "ring", "square", "star", "triangle")
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    train: Path
+    val: Path | None
+
+
+# ---------------------------------------------------------------------------------------------
+# drawing
+
+
+def _polygon(n: int, r: float, phase: float = 0.0) -> list[tuple[float, float]]:
+    return [(r * math.cos(phase + 2 * math.pi * k / n), r * math.sin(phase + 2 * math.pi * k / n)) for k in range(n)]
+
+
+def _star(r: float) -> list[tuple[float, float]]:
+    return [((r if k % 2 == 0 else 0.45 * r) * math.cos(-math.pi / 2 + math.pi * k / 5),
+             (r if k % 2 == 0 else 0.45 * r) * math.sin(-math.pi / 2 + math.pi * k / 5)) for k in range(10)]
+
+
+def _heart(r: float) -> list[tuple[float, float]]:
+    pts = []
+    for k in range(48):
+        t = 2 * math.pi * k / 48
+        x = 16 * math.sin(t) ** 3
+        y = -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t))
+        pts.append((x * r / 17, y * r / 17 + 0.1 * r))
+    return pts
+
+
+def _shape_polys(name: str, r: float) -> tuple[list[list[tuple[float, float]]], list[list[tuple[float, float]]]]:
+    """Filled polygons and 'holes' (drawn in background colour) of a shape centred at the origin."""
+    ell = lambda rx, ry, cx=0.0: [(cx + rx * math.cos(2 * math.pi * k / 48), ry * math.sin(2 * math.pi * k / 48)) for k in range(48)]
+    if name == "circle":
+        return [ell(r, r)], []
+    if name == "ring":
+        return [ell(r, r)], [ell(0.55 * r, 0.55 * r)]
+    if name == "crescent":
+        return [ell(r, r)], [ell(0.85 * r, 0.85 * r, 0.45 * r)]
+    if name == "ellipse_bar":
+        return [ell(r, 0.35 * r)], []
+    if name == "square":
+        return [_polygon(4, r * 1.1, math.pi / 4)], []
+    if name == "diamond":
+        return [[(0, -r), (0.6 * r, 0), (0, r), (-0.6 * r, 0)]], []
+    if name == "triangle":
+        return [_polygon(3, r * 1.1, -math.pi / 2)], []
+    if name == "hexagon":
+        return [_polygon(6, r)], []
+    if name == "star":
+        return [_star(r * 1.1)], []
+    if name == "heart":
+        return [_heart(r)], []
+    if name == "cross":
+        a, b = 0.3 * r, r
+        return [[(-a, -b), (a, -b), (a, b), (-a, b)], [(-b, -a), (b, -a), (b, a), (-b, a)]], []
+    if name == "arrow":
+        return [[(-r, -0.22 * r), (0.1 * r, -0.22 * r), (0.1 * r, -0.6 * r), (r, 0), (0.1 * r, 0.6 * r),
+                 (0.1 * r, 0.22 * r), (-r, 0.22 * r)]], []
+    raise AssertionError(f"unknown shape {name}")
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    kind = rng.integers(4)
+    if kind == 0:  # linear gradient
+        ang = rng.uniform(0, 2 * math.pi)
+        t = (np.cos(ang) * xx + np.sin(ang) * yy)
+        t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+    elif kind == 1:  # stripes
+        ang, freq = rng.uniform(0, math.pi), rng.uniform(3, 10)
+        t = 0.5 + 0.5 * np.sin(2 * math.pi * freq * (np.cos(ang) * xx + np.sin(ang) * yy))
+    elif kind == 2:  # checkers
+        n = rng.integers(2, 8)
+        t = ((np.floor(xx * n) + np.floor(yy * n)) % 2).astype(np.float32)
+    else:  # smooth noise
+        coarse = rng.random((5, 5)).astype(np.float32)
+        t = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC), np.float32) / 255
+    img = c0 * (1 - t[..., None]) + c1 * t[..., None]
+    img += rng.normal(0, rng.uniform(2, 20), img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def render_shape(name: str, rng: np.random.Generator, size: int = 64) -> Image.Image:
+    """One image of shape ``name``: random colour, size, position, rotation, background."""
+    ss = 2  # draw at 2x and downsample: anti-aliased edges
+    big = size * ss
+    img = Image.fromarray(_background(rng, size)).resize((big, big), Image.NEAREST)
+    mask = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(mask)
+    r = rng.uniform(0.22, 0.42) * big
+    cx, cy = rng.uniform(r * 0.8, big - r * 0.8, 2)
+    rot = rng.uniform(0, 2 * math.pi)
+    colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+    polys, holes = _shape_polys(name, r)
+
+    def place(poly: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        c, s = math.cos(rot), math.sin(rot)
+        return [(cx + c * x - s * y, cy + s * x + c * y) for x, y in poly]
+
+    for poly in polys:
+        draw.polygon(place(poly), fill=255)
+    for poly in holes:  # holes show the background through
+        draw.polygon(place(poly), fill=0)
+    img.paste(Image.new("RGB", (big, big), colour), (0, 0), mask)
+    img = img.resize((size, size), Image.BILINEAR)
+    if rng.random() < 0.3:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
+    return img
+
+
+# ---------------------------------------------------------------------------------------------
+# cache
+
+
+def ensure_builtin_shapes(cache_dir: str | os.PathLike | None = None, seed: int = 0, n_train: int = 200,
+                          n_val: int = 50, size: int = 64) -> Path:
+    """Write ``<cache>/builtin/shapes-.../{train,val}/<class>/*.jpg`` once and return the folder.
+
+    ``n_train`` / ``n_val`` are images *per class* (12 classes). Generation goes to a temporary
+    folder renamed into place, so concurrent callers (ranks) never see a half-written set; the loser
+    of the race discards its copy.
+    """
+    if size < 16 or n_train < 1 or n_val < 0:
+        raise ValueError(f"builtin:shapes needs size >= 16, n_train >= 1, n_val >= 0; got size={size}, n_train={n_train}, n_val={n_val}")
+    base = default_cache_dir(cache_dir) / "builtin"
+    final = base / f"shapes-v{SHAPES_VERSION}-s{seed}-{size}px-{n_train}x{n_val}"
+    if (final / "train").is_dir():
+        return final
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = base / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        for split, count, salt in (("train", n_train, 0), ("val", n_val, 1)):
+            if count == 0:
+                continue
+            for ci, name in enumerate(CLASSES):
+                d = tmp / split / name
+                d.mkdir(parents=True)
+                for i in range(count):
+                    rng = np.random.default_rng([seed, salt, ci, i])
+                    render_shape(name, rng, size).save(d / f"{name}_{i:05d}.jpg", quality=92)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "train").is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+_SHAPES_KEYS = {"seed": "seed", "size": "size", "per_class": "n_train", "n_train": "n_train",
+                "val_per_class": "n_val", "n_val": "n_val"}
+
+
+def resolve_data(spec: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> DataSplits:
+    """``builtin:shapes[?size=64&per_class=200&val_per_class=50&seed=0]`` or a folder.
+
+    A folder with a ``train/`` subfolder gives train=that and val=``val/`` when present; any other
+    folder (or a .tar shard) is train only.
+    """
+    text = str(spec)
+    if text.startswith("builtin:"):
+        name, _, query = text[len("builtin:"):].partition("?")
+        if name != "shapes":
+            raise ValueError(f"unknown built-in dataset {text!r}; the built-in set is 'builtin:shapes'")
+        kwargs: dict[str, int] = {}
+        for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+            if key not in _SHAPES_KEYS:
+                raise ValueError(f"unknown builtin:shapes option {key!r}; valid: {sorted(_SHAPES_KEYS)}")
+            try:
+                kwargs[_SHAPES_KEYS[key]] = int(value)
+            except ValueError:
+                raise ValueError(f"builtin:shapes option {key}={value!r} must be an integer") from None
+        root = ensure_builtin_shapes(cache_dir, **kwargs)
+        return DataSplits(root / "train", root / "val" if (root / "val").is_dir() else None)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise ValueError(f"data {text!r} is neither an existing folder nor 'builtin:shapes'; pass a folder of images "
+                         "(ImageFolder, flat, WebDataset .tar shards, optionally with train/ and val/) or builtin:shapes")
+    if (path / "train").is_dir():
+        return DataSplits(path / "train", path / "val" if (path / "val").is_dir() else None)
+    return DataSplits(path, None)

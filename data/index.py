@@ -1,0 +1,490 @@
+"""Dataset index: find, validate once, convert or quarantine, cache.
+
+Why this exists: a single corrupt JPEG fails a whole DALI batch (and with it the run), and DALI's
+decoders only promise plain 8-bit RGB/gray JPEG and 8-bit RGB PNG. So every file is fully decoded
+once with PIL (strictly: truncated data is an error, a JPEG must end with its EOI marker), odd but
+valid images (gray/alpha/palette/CMYK/16-bit PNG, EXIF-rotated, BMP/WebP/TIFF...) are converted once
+to an 8-bit RGB JPEG in the cache, and broken files are excluded and listed in ``quarantine.json``.
+The result is cached as JSON keyed by the folder, so later calls only stat the files.
+
+Layouts: ImageFolder (class subfolders -> labels by sorted class name), a flat folder (labels -1),
+or WebDataset shards (``*.tar`` with ``<key>.jpg|jpeg|png`` and optional ``<key>.cls``), which are
+extracted once into the cache and then indexed like files.
+
+Fingerprint: sha256 over (relative path, label, sha256 of the file's bytes) of every indexed sample,
+plus the class names. Content hashes (not mtimes) so a copied dataset keeps its fingerprint and the
+view store still matches it; the hash is computed while the file is read for validation anyway and
+cached, so it costs nothing on later calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import tarfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger("genssl.data")
+
+INDEX_VERSION = 1
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm"}
+WDS_IMAGE_EXTS = ("jpg", "jpeg", "png")  # preference order when a key has several
+RACY_NS = 2_000_000_000  # files modified this close to the last build are re-hashed (like git's racy-clean)
+CONVERTED_SUFFIX = ".rgb8.jpg"
+
+
+def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir`` if given, else ``$GENSSL_CACHE``, else ``~/.cache/genssl``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("GENSSL_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "genssl"
+
+
+@dataclass
+class DatasetIndex:
+    """A validated dataset. Sample ``i`` is ``paths[i]`` (the file to decode: the original, or its
+    converted copy in the cache), originally ``source_paths[i]`` (relative to ``root``; for
+    WebDataset ``<shard>.tar/<member>``), of ``sizes[i] = (width, height)`` pixels, with
+    ``labels[i]`` (-1 when unlabelled) indexing ``classes``."""
+
+    root: Path
+    paths: list[str]
+    source_paths: list[str]
+    sizes: np.ndarray  # [N, 2] int64 (width, height) of paths[i]
+    labels: np.ndarray  # [N] int64
+    classes: list[str]
+    fingerprint: str
+    quarantine: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
+    report: Path | None = None  # quarantine.json
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+# ---------------------------------------------------------------------------------------------
+# discovery
+
+
+@dataclass
+class _Candidate:
+    rel: str  # relative to root, '/'-separated
+    path: Path  # file on disk (for WebDataset: the extracted member)
+    label: int
+
+
+@dataclass
+class _Found:
+    kind: str
+    candidates: list[_Candidate]
+    classes: list[str]
+    ignored: Counter  # extension -> count of files that are not images
+    quarantine: list[tuple[str, str]] = field(default_factory=list)  # problems found before decoding
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".")
+
+
+def _walk_files(top: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if _visible(d))
+        for name in sorted(filenames):
+            if _visible(name):
+                yield Path(dirpath) / name
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTS
+
+
+def _discover(root: Path, work: Path) -> _Found:
+    if root.is_file():
+        if root.suffix.lower() != ".tar":
+            raise ValueError(f"{root} is a file; pass a folder of images (ImageFolder or flat) or a WebDataset .tar shard")
+        return _discover_webdataset(root.parent, [root], work)
+    entries = sorted((e for e in os.scandir(root) if _visible(e.name)), key=lambda e: e.name)
+    top_images = [Path(e.path) for e in entries if e.is_file() and _is_image(Path(e.name))]
+    shards = [Path(e.path) for e in entries if e.is_file() and e.name.lower().endswith(".tar")]
+    subdirs = [Path(e.path) for e in entries if e.is_dir()]
+    ignored: Counter = Counter()
+    if not top_images and not subdirs and shards:
+        return _discover_webdataset(root, shards, work)
+    if top_images:  # flat folder (recursive), unlabelled
+        cands = []
+        for p in _walk_files(root):
+            if _is_image(p):
+                cands.append(_Candidate(p.relative_to(root).as_posix(), p, -1))
+            else:
+                ignored[p.suffix.lower() or "(no extension)"] += 1
+        return _Found("flat", cands, [], ignored)
+    classes, cands = [], []
+    for d in subdirs:
+        files = list(_walk_files(d))
+        imgs = [p for p in files if _is_image(p)]
+        for p in files:
+            if not _is_image(p):
+                ignored[p.suffix.lower() or "(no extension)"] += 1
+        if imgs:
+            label = len(classes)
+            classes.append(d.name)
+            cands += [_Candidate(p.relative_to(root).as_posix(), p, label) for p in imgs]
+    for e in entries:
+        if e.is_file():
+            ignored[Path(e.name).suffix.lower() or "(no extension)"] += 1
+    return _Found("imagefolder", cands, classes, ignored)
+
+
+_SAFE_MEMBER = re.compile(r"^[^/\\][^\\]*$")
+
+
+def _split_key(member: str) -> tuple[str, str]:
+    """WebDataset convention: the key is the path up to the first dot of the basename."""
+    head, _, base = member.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def _extract_shard(shard: Path, dest: Path) -> list[tuple[str, str]]:
+    """Extract a shard's image and .cls members into ``dest`` (atomically: temp dir + rename).
+
+    Returns shard-level problems (truncated shard, unsafe member names) as quarantine entries; they
+    are stored in the marker file so cached runs still report them.
+    """
+    marker = dest / ".extracted.json"
+    st = shard.stat()
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if marker.exists():
+        with contextlib.suppress(ValueError, OSError):
+            info = json.loads(marker.read_text())
+            if info.get("stamp") == stamp:
+                return [tuple(q) for q in info.get("quarantine", [])]
+    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    problems: list[tuple[str, str]] = []
+    keep = set(WDS_IMAGE_EXTS) | {"cls"} | {e[1:] for e in IMAGE_EXTS}
+    try:
+        with tarfile.open(shard, "r:*") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                if not _SAFE_MEMBER.match(m.name) or ".." in m.name.split("/"):
+                    problems.append((f"{shard.name}/{m.name}", "unsafe member path (absolute or '..'), skipped"))
+                    continue
+                if _split_key(m.name)[1] not in keep:
+                    continue
+                target = tmp / m.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                src = tf.extractfile(m)
+                assert src is not None
+                target.write_bytes(src.read())
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        problems.append((shard.name, f"shard unreadable past some point ({type(exc).__name__}: {exc}); members before it kept"))
+    (tmp / ".extracted.json").write_text(json.dumps({"stamp": stamp, "quarantine": problems}))
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return problems
+
+
+def _discover_webdataset(root: Path, shards: list[Path], work: Path) -> _Found:
+    cands: list[_Candidate] = []
+    problems: list[tuple[str, str]] = []
+    ignored: Counter = Counter()
+    labelled = False
+    for shard in shards:
+        dest = work / "extracted" / shard.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        problems += _extract_shard(shard, dest)
+        members: dict[str, dict[str, Path]] = {}
+        for p in _walk_files(dest):
+            key, ext = _split_key(p.relative_to(dest).as_posix())
+            members.setdefault(key, {})[ext] = p
+        for key in sorted(members):
+            group = members[key]
+            exts = [e for e in WDS_IMAGE_EXTS if e in group] + sorted(e for e in group if e not in WDS_IMAGE_EXTS and e != "cls")
+            if not exts:
+                problems.append((f"{shard.name}/{key}", "no image member (.jpg/.jpeg/.png) for this key"))
+                continue
+            label = -1
+            if "cls" in group:
+                try:
+                    label = int(group["cls"].read_text().strip())
+                    labelled = True
+                except ValueError:
+                    problems.append((f"{shard.name}/{key}.cls", "label is not an integer"))
+                    continue
+            cands.append(_Candidate(f"{shard.name}/{key}.{exts[0]}", group[exts[0]], label))
+    if any(c.label < -1 for c in cands):
+        raise ValueError(f"WebDataset shards in {root} have negative .cls labels; labels must be 0..K-1")
+    n_classes = max((c.label for c in cands), default=-1) + 1
+    classes = [str(i) for i in range(n_classes)] if labelled else []
+    return _Found("webdataset", cands, classes, ignored, problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def _jpeg_has_eoi(data: bytes) -> bool:
+    return data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
+
+
+def _png_is_rgb8(data: bytes) -> bool:
+    # IHDR is the first chunk: bytes 24 = bit depth, 25 = colour type (2 = truecolour), 28 = interlace
+    return len(data) > 28 and data[24] == 8 and data[25] == 2
+
+
+def _orientation(img: Image.Image) -> int:
+    with contextlib.suppress(Exception):
+        return int(img.getexif().get(0x0112, 1) or 1)
+    return 1
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB. Alpha is composited over white (transparent regions of icons
+    and cut-outs are usually meant as background; PIL's plain convert would expose whatever colour
+    the transparent pixels happen to store). 16/32-bit and float grays are scaled, not clipped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        peak = float(a.max()) if a.size else 0.0
+        scale = 255.0 / 65535.0 if peak > 255 else 1.0
+        img = Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _inspect(path: str, converted: str) -> dict:
+    """Read, hash and strictly decode one file; convert it into ``converted`` when DALI would not
+    read it as is. Returns the cache entry (``status`` ok | converted | bad)."""
+    st = os.stat(path)
+    entry: dict = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        return entry | {"status": "bad", "reason": f"unreadable: {exc}", "sha256": ""}
+    entry["sha256"] = hashlib.sha256(data).hexdigest()
+    if not data:
+        return entry | {"status": "bad", "reason": "empty file (0 bytes)"}
+    fmt = ""
+    try:
+        img = Image.open(io.BytesIO(data))
+        fmt = img.format or ""
+        img.load()
+    except UnidentifiedImageError:
+        return entry | {"status": "bad", "reason": "not an image (PIL cannot identify the format)"}
+    except Image.DecompressionBombError as exc:
+        return entry | {"status": "bad", "reason": f"too large to decode safely: {exc}"}
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as exc:
+        return entry | {"status": "bad", "reason": f"undecodable or truncated {fmt or 'image'}: {exc}"}
+    if fmt == "JPEG" and not _jpeg_has_eoi(data):
+        return entry | {"status": "bad", "reason": "truncated JPEG (no end-of-image marker)"}
+    orientation = _orientation(img)
+    plain = (fmt == "JPEG" and img.mode in ("RGB", "L")) or (fmt == "PNG" and img.mode == "RGB" and _png_is_rgb8(data)
+                                                             and "transparency" not in img.info)
+    if plain and orientation == 1:
+        return entry | {"status": "ok", "w": img.width, "h": img.height}
+    why = f"{fmt} {img.mode}" + (f", EXIF orientation {orientation}" if orientation != 1 else "")
+    try:
+        if orientation != 1:
+            img = ImageOps.exif_transpose(img)
+        rgb = to_rgb8(img)
+        buf = io.BytesIO()
+        rgb.save(buf, "JPEG", quality=95, subsampling=0)
+    except (OSError, ValueError, TypeError) as exc:
+        return entry | {"status": "bad", "reason": f"could not convert {why} to RGB: {exc}"}
+    _atomic_write(Path(converted), buf.getvalue())
+    return entry | {"status": "converted", "reason": f"converted from {why}", "w": rgb.width, "h": rgb.height}
+
+
+def _inspect_strict(path: str, converted: str) -> dict:
+    """`_inspect` with PIL's truncated-image leniency forced off (it is a process-wide flag)."""
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    return _inspect(path, converted)
+
+
+# ---------------------------------------------------------------------------------------------
+# cache files
+
+
+def _atomic_write(path: Path, data: bytes, fsync: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def index_cache_dir(folder: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where ``build_index`` keeps the index, report, converted copies and extracted shards."""
+    root = Path(folder).expanduser().resolve()
+    key = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(root.parts[-2:]))[-60:]
+    return default_cache_dir(cache_dir) / "index" / f"{slug}-{key}"
+
+
+@contextlib.contextmanager
+def _locked(work: Path) -> Iterator[None]:
+    """Serialise builds of one folder across processes (all ranks call build_index at start)."""
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _load_cache(path: Path, root: Path) -> dict:
+    with contextlib.suppress(OSError, ValueError):
+        cached = json.loads(path.read_text())
+        if cached.get("version") == INDEX_VERSION and cached.get("root") == str(root):
+            return cached
+    return {"entries": {}, "built_ns": 0}
+
+
+def _reusable(old: dict | None, st: os.stat_result, path: Path, converted: Path, built_ns: int) -> dict | None:
+    """The cached entry if the file is unchanged, else None. Files modified within RACY_NS of the
+    last build could have changed without a visible mtime change, so their bytes are re-hashed."""
+    if not old or old.get("status") == "converted" and not converted.exists():
+        return None
+    if old["size"] != st.st_size:
+        return None
+    if old["mtime_ns"] == st.st_mtime_ns and st.st_mtime_ns < built_ns - RACY_NS:
+        return old
+    with contextlib.suppress(OSError):
+        if hashlib.sha256(path.read_bytes()).hexdigest() == old["sha256"]:
+            return old | {"mtime_ns": st.st_mtime_ns}
+    return None
+
+
+def _fingerprint(classes: list[str], rows: list[tuple[str, int, str]]) -> str:
+    h = hashlib.sha256(json.dumps(classes).encode())
+    for rel, label, sha in rows:
+        h.update(f"{rel}\0{label}\0{sha}\n".encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# public entry point
+
+
+def build_index(folder: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                num_workers: int | None = None) -> DatasetIndex:
+    """Validate ``folder`` (once; later calls reuse the cache) and return its index.
+
+    ``num_workers`` threads decode in parallel (PIL releases the GIL while decoding); default
+    ``min(os.cpu_count(), 16)``. Quarantined files are summarised in one warning and listed in
+    ``<index cache>/quarantine.json``. Raises ValueError if the folder is missing or nothing usable
+    is left.
+    """
+    root = Path(folder).expanduser()
+    if not root.exists():
+        raise ValueError(f"dataset folder {root} does not exist; pass an existing folder (ImageFolder, flat, or WebDataset .tar shards) or builtin:shapes")
+    root = root.resolve()
+    work = index_cache_dir(root, cache_dir)
+    with _locked(work):
+        return _build_locked(root, work, num_workers)
+
+
+def _build_locked(root: Path, work: Path, num_workers: int | None) -> DatasetIndex:
+    index_path, report_path = work / "index.json", work / "quarantine.json"
+    cached = _load_cache(index_path, root)
+    found = _discover(root, work)
+    old_entries: dict = cached["entries"]
+    entries: dict[str, dict] = {}
+    todo: list[_Candidate] = []
+    newest_ns = 0
+    for c in found.candidates:
+        conv = work / "converted" / (c.rel + CONVERTED_SUFFIX)
+        try:
+            st = c.path.stat()
+        except OSError as exc:
+            entries[c.rel] = {"status": "bad", "reason": f"cannot stat: {exc}", "size": -1, "mtime_ns": -1, "sha256": ""}
+            continue
+        hit = _reusable(old_entries.get(c.rel), st, c.path, conv, cached["built_ns"])
+        if hit is not None:
+            entries[c.rel] = hit
+            newest_ns = max(newest_ns, st.st_mtime_ns)
+        else:
+            todo.append(c)
+    if todo:
+        workers = max(1, num_workers if num_workers is not None else min(os.cpu_count() or 1, 16))
+        args = [(str(c.path), str(work / "converted" / (c.rel + CONVERTED_SUFFIX))) for c in todo]
+        lenient = ImageFile.LOAD_TRUNCATED_IMAGES
+        try:
+            if workers == 1 or len(todo) < 32:
+                results = [_inspect_strict(*a) for a in args]
+            else:
+                with ThreadPoolExecutor(workers) as pool:
+                    results = list(pool.map(lambda a: _inspect_strict(*a), args))
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = lenient  # PIL's flag is process-wide: give it back
+        for c, r in zip(todo, results):
+            entries[c.rel] = r
+    pre = [list(q) for q in found.quarantine]
+    changed = entries != old_entries or pre != cached.get("pre_quarantine", [])
+    # entries verified by re-hashing (racy mtimes) become trusted once old enough: restamp the cache
+    settled = newest_ns >= cached["built_ns"] - RACY_NS and newest_ns < time.time_ns() - RACY_NS
+    if changed or settled or not index_path.exists() or not report_path.exists():
+        _write_cache(root, found, entries, index_path, report_path)
+
+    rows, paths, sizes, labels = [], [], [], []
+    quarantine = list(found.quarantine)
+    for c in sorted(found.candidates, key=lambda c: c.rel):
+        e = entries[c.rel]
+        if e["status"] == "bad":
+            quarantine.append((c.rel, e["reason"]))
+            continue
+        read = work / "converted" / (c.rel + CONVERTED_SUFFIX) if e["status"] == "converted" else c.path
+        paths.append(str(read))
+        sizes.append((e["w"], e["h"]))
+        labels.append(c.label)
+        rows.append((c.rel, c.label, e["sha256"]))
+    if quarantine:
+        log.warning("genssl.data: quarantined %d of %d files in %s (excluded); reasons in %s",
+                    len(quarantine), len(found.candidates), root, report_path)
+    if not paths:
+        other = ", ".join(f"{n} {ext}" for ext, n in found.ignored.most_common(5)) or "none"
+        raise ValueError(
+            f"no usable images in {root} (layout: {found.kind}): {len(found.candidates)} image files found, "
+            f"{len(quarantine)} quarantined (see {report_path}); other files: {other}. Expected class "
+            f"subfolders of .jpg/.png (ImageFolder), a flat folder of images, or WebDataset .tar shards.")
+    return DatasetIndex(root=root, paths=paths, source_paths=[r[0] for r in rows],
+                        sizes=np.asarray(sizes, dtype=np.int64).reshape(-1, 2),
+                        labels=np.asarray(labels, dtype=np.int64), classes=list(found.classes),
+                        fingerprint=_fingerprint(found.classes, rows), quarantine=quarantine,
+                        report=report_path)
+
+
+def _write_cache(root: Path, found: _Found, entries: dict, index_path: Path, report_path: Path) -> None:
+    doc = {"version": INDEX_VERSION, "root": str(root), "kind": found.kind, "classes": found.classes,
+           "built_ns": time.time_ns(), "pre_quarantine": [list(q) for q in found.quarantine], "entries": entries}
+    _atomic_write(index_path, json.dumps(doc).encode(), fsync=True)
+    bad = list(found.quarantine) + [(rel, e["reason"]) for rel, e in sorted(entries.items()) if e["status"] == "bad"]
+    report = {"root": str(root), "count": len(bad), "files": [{"path": p, "reason": r} for p, r in bad]}
+    _atomic_write(report_path, json.dumps(report, indent=1).encode(), fsync=True)

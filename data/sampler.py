@@ -1,0 +1,24 @@
+"""The epoch order every loader shares: one permutation per epoch, sharded by rank.
+
+The permutation depends only on (seed, epoch). Rank r takes positions r, r+W, r+2W, … of it, in
+whole batches; the tail that would leave ranks with unequal step counts is dropped. So batch k of
+a W-rank run, taken over all ranks, is exactly batch k of a 1-rank run with W times the batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def rank_batches(n: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """This rank's batches of sample indices for ``epoch`` (drop-last, equal count on every rank)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    steps = n // (batch_size * world_size)
+    order = epoch_permutation(n, seed, epoch)[: steps * batch_size * world_size]
+    # Global batch k = order[k*B*W:(k+1)*B*W]; this rank's share is every W-th element of it.
+    return [order[k * batch_size * world_size:(k + 1) * batch_size * world_size][rank::world_size] for k in range(steps)]

@@ -1,0 +1,272 @@
+"""Typed run configuration: dataclass trees, presets and ``key=value`` overrides.
+
+A recipe declares one dataclass tree (its fields are the keys a user may set) and a table of
+named presets. ``parse_config`` applies, in order: the dataclass defaults, ``preset=NAME``, then
+every ``key=value`` / ``section.key=value`` on the command line. Anything it cannot place or parse
+fails here, before any work starts, with a message that names the key and what is valid.
+
+The front door stays argparse-compatible for launchers: ``--local_rank N`` (deepspeed) is
+tolerated and ``--deepspeed_config FILE`` is honoured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import sys
+import types
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in the run configuration (unknown key, bad value, bad preset)."""
+
+
+@dataclasses.dataclass
+class ParsedArgs:
+    config: Any
+    deepspeed_config: str | None
+    local_rank: int | None
+
+
+def _field_map(cls) -> dict[str, tuple[dataclasses.Field, Any]]:
+    hints = get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls) if f.init}
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _describe(tp) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(tp))
+    if origin is tuple:
+        return "a comma-separated tuple of " + ", ".join(_describe(a) for a in get_args(tp))
+    if tp is type(None):
+        return "none"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(text: Any, tp, key: str):
+    """Parse ``text`` (a string from the command line, or a YAML/JSON value) as type ``tp``."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if type(None) in args and (text is None or (isinstance(text, str) and text.lower() in ("none", "null", ""))):
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(text, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={text!r}: expected {_describe(tp)}")
+    if origin is Literal:
+        choices = get_args(tp)
+        for choice in choices:
+            if str(choice) == str(text):
+                return choice
+        raise ConfigError(f"{key}={text!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+    if origin is tuple:
+        items = text.split(",") if isinstance(text, str) else list(text)
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(i, args[0], key) for i in items)
+        if len(items) != len(args):
+            raise ConfigError(f"{key}={text!r}: expected {len(args)} comma-separated values ({_describe(tp)})")
+        return tuple(_convert(i, a, key) for i, a in zip(items, args))
+    if tp is bool:
+        if isinstance(text, bool):
+            return text
+        low = str(text).lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}={text!r}: expected a boolean (true/false, on/off, 1/0)")
+    if tp is int:
+        try:
+            if isinstance(text, float) and not text.is_integer():
+                raise ValueError
+            return int(float(text)) if isinstance(text, str) and "e" in text.lower() else int(text)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={text!r}: expected an integer") from None
+    if tp is float:
+        try:
+            return float(text)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={text!r}: expected a number") from None
+    if tp is str:
+        return str(text)
+    if tp is Any:
+        return text
+    raise ConfigError(f"{key}: cannot parse values of type {_describe(tp)}")
+
+
+def _resolve(cfg, dotted: str):
+    """Return (owner dataclass instance, field name, field type) for ``a.b.c``."""
+    parts = dotted.split(".")
+    node = cfg
+    for i, part in enumerate(parts):
+        fields = _field_map(type(node))
+        if part not in fields:
+            prefix = ".".join(parts[:i])
+            valid = sorted(fields)
+            close = difflib.get_close_matches(part, valid, n=1)
+            hint = f" Did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
+            where = f"section {prefix!r}" if prefix else "this recipe"
+            raise ConfigError(f"unknown key {dotted!r}: {where} has no key {part!r}.{hint} Valid keys: {', '.join(valid)}")
+        _, tp = fields[part]
+        if i == len(parts) - 1:
+            if _is_dataclass_type(tp):
+                raise ConfigError(f"{dotted!r} is a section; set one of its keys, e.g. {dotted}.{next(iter(_field_map(tp)))}=...")
+            return node, part, tp
+        if not _is_dataclass_type(tp):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])!r} is a value, not a section; remove '.{'.'.join(parts[i + 1:])}'")
+        node = getattr(node, part)
+    raise AssertionError("unreachable")
+
+
+def set_value(cfg, dotted: str, value: Any) -> None:
+    owner, name, tp = _resolve(cfg, dotted)
+    setattr(owner, name, _convert(value, tp, dotted))
+
+
+def apply_overrides(cfg, overrides: dict[str, Any], source: str = "") -> None:
+    for key, value in overrides.items():
+        try:
+            set_value(cfg, key, value)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}" if source else str(e)) from None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def validate(cfg) -> None:
+    """Run each section's ``validate()`` (and dataclass ``__post_init__`` checks) after overrides."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value)
+    post = getattr(cfg, "__post_init__", None)
+    if post is not None:
+        try:
+            post()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    check = getattr(cfg, "validate", None)
+    if check is not None:
+        check()
+
+
+def parse_config(argv: list[str] | None, cls, presets: dict[str, dict] | None = None) -> ParsedArgs:
+    """Build the config tree from ``argv`` (default ``sys.argv[1:]``).
+
+    Accepted tokens: ``preset=NAME``, ``key=value``, ``section.key=value``, ``config=FILE.yaml``
+    (a resolved config written by an earlier run), ``--deepspeed_config FILE``, ``--local_rank N``.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    presets = presets or {}
+    deepspeed_config = None
+    local_rank = None
+    assignments: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok.startswith("--"):
+            name, eq, val = tok[2:].partition("=")
+            if name in ("local_rank", "local-rank", "deepspeed_config", "deepspeed-config", "deepspeed"):
+                if name == "deepspeed":  # bare flag added by some launchers
+                    i += 1
+                    continue
+                if not eq:
+                    if i + 1 >= len(argv):
+                        raise ConfigError(f"--{name} needs a value")
+                    val = argv[i + 1]
+                    i += 1
+                if name.startswith("local"):
+                    local_rank = int(val)
+                else:
+                    deepspeed_config = val
+                i += 1
+                continue
+            raise ConfigError(f"unknown option {tok!r}: settings are given as key=value (e.g. epochs=10); "
+                              "the only --options are --deepspeed_config FILE and --local_rank N")
+        key, eq, val = tok.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"cannot read argument {tok!r}: write settings as key=value, e.g. epochs=10 or optim.lr=1e-3")
+        assignments.append((key.strip(), val.strip()))
+        i += 1
+
+    cfg = cls()
+    for key, val in assignments:
+        if key == "config":
+            if not os.path.isfile(val):
+                raise ConfigError(f"config={val!r}: no such file")
+            with open(val) as fh:
+                apply_overrides(cfg, _flatten(yaml.safe_load(fh) or {}), source=val)
+    for key, val in assignments:
+        if key == "preset":
+            if val not in presets:
+                raise ConfigError(f"preset={val!r} is not valid; choose one of: {', '.join(sorted(presets))}")
+            apply_overrides(cfg, _flatten(presets[val]), source=f"preset {val!r}")
+    for key, val in assignments:
+        if key not in ("preset", "config"):
+            set_value(cfg, key, val)
+    if deepspeed_config is not None and not os.path.isfile(deepspeed_config):
+        raise ConfigError(f"--deepspeed_config {deepspeed_config!r}: no such file")
+    validate(cfg)
+    return ParsedArgs(cfg, deepspeed_config, local_rank)
+
+
+def to_dict(cfg) -> dict:
+    """The config tree as plain dicts/lists (YAML/JSON-ready)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out[f.name] = to_dict(v)
+        elif isinstance(v, tuple):
+            out[f.name] = list(v)
+        else:
+            out[f.name] = v
+    return out
+
+
+def write_config(cfg, path: str) -> None:
+    """Write the resolved config as YAML, atomically."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def config_hash(cfg, exclude: tuple[str, ...] = ()) -> str:
+    import hashlib
+
+    d = to_dict(cfg)
+    for key in exclude:
+        d.pop(key, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+__all__ = ["ConfigError", "ParsedArgs", "parse_config", "apply_overrides", "set_value", "validate",
+           "write_config", "config_hash", "to_dict"]

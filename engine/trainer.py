@@ -1,0 +1,297 @@
+"""The training loop: DeepSpeed ZeRO around a student, an EMA teacher, schedules, checkpoints.
+
+Method-agnostic: a recipe hands over the student (what DeepSpeed optimises) and an *objective*
+(everything else: teacher, loss, its own state). Per step the trainer sets lr / weight decay from
+their schedules, asks the objective for the loss, agrees with every rank that loss and gradients
+are finite, steps, updates the EMA teacher, logs, and checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Iterable, Protocol
+
+import torch
+from torch import nn
+
+from genssl.engine.checkpoint import CheckpointManager, rng_state, set_rng_state
+from genssl.engine.config import ConfigError, config_hash, write_config
+from genssl.engine.distributed import DistInfo, any_rank
+from genssl.engine.metrics import MetricsLogger, peak_memory_gb
+from genssl.engine.run_config import TrainConfig
+from genssl.models.schedules import cosine_schedule
+from genssl.models.ema import EMATeacher
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where training stands; handed to the objective every step."""
+
+    global_step: int
+    epoch: int
+    step_in_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+class Objective(Protocol):
+    teacher: EMATeacher | None  # EMA of the student, updated after every step (None: no EMA)
+
+    def training_loss(self, engine, batch, progress: Progress) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss to back-propagate through ``engine`` (the DeepSpeed-wrapped student) and log terms."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict): ...
+
+
+class Loader(Protocol):
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __len__(self) -> int: ...
+
+    def iter_from(self, step: int) -> Iterable: ...
+
+
+@dataclasses.dataclass
+class TrainResult:
+    global_step: int
+    last_loss: float
+    images_per_s: float
+    skipped_steps: int
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def deepspeed_config(cfg: TrainConfig, dist: DistInfo, user_config: str | None = None) -> dict:
+    """Our settings, with a user's DeepSpeed JSON (``--deepspeed_config``) layered on top."""
+    if cfg.precision == "fp16" and dist.device.type != "cuda":
+        raise ConfigError("precision=fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16 path); use precision=bf16 or fp32")
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.optim.clip_grad,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if user_config:
+        with open(user_config) as fh:
+            user = json.load(fh)
+        if "scheduler" in user:
+            raise ConfigError(f"{user_config}: remove the 'scheduler' block; lr and weight decay follow optim.* schedules")
+        for key, value in user.items():
+            if isinstance(value, dict) and isinstance(config.get(key), dict):
+                config[key] = {**config[key], **value}
+            else:
+                config[key] = value
+        gas = config.get("gradient_accumulation_steps", 1)
+        if gas != 1:
+            raise ConfigError(f"{user_config}: gradient_accumulation_steps={gas} is not supported; raise batch_size or add ranks")
+        if "train_batch_size" in user:
+            config.pop("train_batch_size")
+        config["train_micro_batch_size_per_gpu"] = user.get("train_micro_batch_size_per_gpu", cfg.batch_size)
+        cfg.batch_size = config["train_micro_batch_size_per_gpu"]
+        cfg.zero_stage = config["zero_optimization"].get("stage", cfg.zero_stage)
+        if config["bf16"].get("enabled"):
+            cfg.precision = "bf16"
+        elif config["fp16"].get("enabled"):
+            cfg.precision = "fp16"
+    return config
+
+
+def param_groups(student: nn.Module, late_params: set[int]) -> list[dict]:
+    """Four groups: {decay, no decay} x {normal, late (frozen in the first epochs)}.
+
+    Biases and norm parameters (ndim <= 1) take no weight decay, as in DINO.
+    """
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in student.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = (p.ndim > 1 and not name.endswith(".bias"), id(p) in late_params)
+        groups.setdefault(key, []).append(p)
+    return [{"params": ps, "decay": decay, "late": late, "lr": 0.0, "weight_decay": 0.0}
+            for (decay, late), ps in sorted(groups.items())]
+
+
+class _GradientWatch:
+    """Notices non-finite gradients on this rank during backward, at any ZeRO stage.
+
+    Tensor hooks see each parameter's local gradient before DeepSpeed reduces or partitions it.
+    The check is a sum per gradient (one read) kept on the device; one host sync per step.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.sums: list[torch.Tensor] = []
+        self.handles = [p.register_hook(self._hook) for p in module.parameters() if p.requires_grad]
+
+    def _hook(self, grad: torch.Tensor):
+        self.sums.append(grad.detach().float().sum())
+        return None
+
+    def bad(self) -> torch.Tensor:
+        if not self.sums:
+            return torch.tensor(False)
+        total = torch.stack(self.sums).sum()
+        self.sums.clear()
+        return ~torch.isfinite(total)
+
+
+def _zero_gradients(engine) -> None:
+    """Replace every gradient by zero before a skipped step (works under every ZeRO stage)."""
+    from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+
+    for p in engine.module.parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is not None and engine.zero_optimization_stage() == 0 and not hasattr(p, "_hp_mapping"):
+            p.grad.zero_()
+            continue
+        grad = safe_get_full_grad(p)
+        if grad is not None:
+            safe_set_full_grad(p, torch.zeros_like(grad))
+
+
+def fit(cfg: TrainConfig, dist: DistInfo, student: nn.Module, objective: nn.Module, loader: Loader,
+        run_dir: str | Path, deepspeed_config_file: str | None = None,
+        late_params: Iterable[nn.Parameter] = ()) -> tuple[object, TrainResult]:
+    """Train ``student`` with ``objective`` for ``cfg.epochs`` epochs; returns (engine, result)."""
+    import deepspeed
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ds_config = deepspeed_config(cfg, dist, deepspeed_config_file)  # may adopt batch/stage/precision from the file
+    if dist.is_main:
+        write_config(cfg, run_dir / "config.yaml")
+    groups = param_groups(student, {id(p) for p in late_params})
+    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=cfg.optim.betas, fused=dist.device.type == "cuda")
+    student.to(dist.device)
+    objective.to(dist.device)
+    engine, optimizer, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
+
+    steps_per_epoch = len(loader)
+    if steps_per_epoch < 1:
+        raise ValueError(f"the data gives no full batch of {cfg.batch_size} per rank on {dist.world_size} rank(s); "
+                         "lower batch_size or add images")
+    total_steps = cfg.epochs * steps_per_epoch
+    global_batch = cfg.batch_size * dist.world_size
+    lr_sched = cosine_schedule(cfg.optim.lr * global_batch / 256, cfg.optim.min_lr, total_steps,
+                               warmup_steps=int(cfg.optim.warmup_epochs * steps_per_epoch))
+    wd_sched = cosine_schedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total_steps)
+    momentum_sched = cosine_schedule(cfg.ema.momentum, cfg.ema.momentum_end, total_steps)
+    late_until = cfg.optim.freeze_last_layer_epochs * steps_per_epoch
+
+    ckpt = CheckpointManager(run_dir, cfg.ckpt.keep_last, dist)
+    run_hash = config_hash(cfg, exclude=("epochs", "ckpt", "log", "eval", "out", "num_workers"))
+    start_step = 0
+    tag = ckpt.latest() if cfg.ckpt.resume else None
+    if tag is not None:
+        client_state, rank_state = ckpt.load(engine, tag)
+        if client_state.get("config_hash") != run_hash:
+            raise ValueError(f"{run_dir} holds a checkpoint of a different configuration; resume with the same settings, "
+                             "or choose a new out= (or ckpt.resume=false to start over)")
+        objective.load_state_dict(client_state["objective"])
+        set_rng_state(rank_state["rng"])
+        start_step = client_state["global_step"]
+        if dist.is_main:
+            print(f"resumed from {ckpt.dir / tag} at step {start_step}/{total_steps}", flush=True)
+
+    logger = MetricsLogger(run_dir, dist.is_main, total_steps, resume_step=start_step, progress=cfg.log.progress)
+    watch = _GradientWatch(engine.module)
+
+    def save(step: int) -> None:
+        client_state = {"global_step": step, "objective": objective.state_dict(), "config_hash": run_hash}
+        ckpt.save(engine, step, client_state, {"rng": rng_state()})
+
+    global_step, skipped, consecutive_skips = start_step, 0, 0
+    last_loss, window_images, window_start, rates = float("nan"), 0, time.perf_counter(), []
+    start_epoch = start_step // steps_per_epoch
+    for epoch in range(start_epoch, cfg.epochs):
+        loader.set_epoch(epoch)
+        first = start_step - epoch * steps_per_epoch if epoch == start_epoch else 0
+        for step_in_epoch, batch in enumerate(loader.iter_from(first), start=first):
+            progress = Progress(global_step, epoch, step_in_epoch, steps_per_epoch, total_steps)
+            for group in optimizer.param_groups:
+                frozen = group["late"] and global_step < late_until
+                group["lr"] = 0.0 if frozen else float(lr_sched[global_step])
+                group["weight_decay"] = float(wd_sched[global_step]) if group["decay"] else 0.0
+
+            loss, terms = objective.training_loss(engine, batch, progress)
+            if any_rank(~torch.isfinite(loss.detach()), dist.device):
+                # No backward: nothing reached the optimizer, so skipping is exact.
+                skipped, consecutive_skips = _on_nonfinite(cfg, dist, "loss", global_step, skipped, consecutive_skips)
+                engine.module.zero_grad(set_to_none=True)
+                global_step += 1
+                logger.advance()
+                continue
+            engine.backward(loss)
+            if any_rank(watch.bad(), dist.device):
+                skipped, consecutive_skips = _on_nonfinite(cfg, dist, "gradient", global_step, skipped, consecutive_skips)
+                _zero_gradients(engine)  # the step then changes no weight (lr 0); Adam moments decay once
+                for group in optimizer.param_groups:
+                    group["lr"] = 0.0
+            else:
+                consecutive_skips = 0
+            engine.step()
+            if getattr(objective, "teacher", None) is not None:
+                objective.teacher.update(engine.module, float(momentum_sched[global_step]))
+            global_step += 1
+            window_images += cfg.batch_size * dist.world_size
+            logger.advance()
+
+            if global_step % cfg.log.every_steps == 0 or global_step == total_steps:
+                last_loss = _mean_over_ranks(loss.detach().float(), dist)
+                elapsed = time.perf_counter() - window_start
+                rates.append(window_images / max(elapsed, 1e-9))
+                record = {"step": global_step, "epoch": round(global_step / steps_per_epoch, 4), "loss": last_loss,
+                          **{k: float(v) for k, v in terms.items()},
+                          "lr": float(lr_sched[global_step - 1]), "wd": float(wd_sched[global_step - 1]),
+                          "momentum": float(momentum_sched[global_step - 1]),
+                          "images_per_s": rates[-1], "mem_gb": peak_memory_gb(dist.device),
+                          "skipped_steps": skipped}
+                logger.log(record)
+                window_images, window_start = 0, time.perf_counter()
+            if cfg.ckpt.every_steps and global_step % cfg.ckpt.every_steps == 0 and global_step < total_steps:
+                save(global_step)
+    if start_step < total_steps or ckpt.latest() is None:
+        save(global_step)
+    logger.close()
+    # The first window includes start-up (compilation, pipeline warm-up); report the median of the rest.
+    steady = sorted(rates[1:] or rates)
+    images_per_s = steady[len(steady) // 2] if steady else float("nan")
+    return engine, TrainResult(global_step, last_loss, images_per_s, skipped)
+
+
+def _mean_over_ranks(value: torch.Tensor, dist: DistInfo) -> float:
+    import torch.distributed as tdist
+
+    value = value.reshape(1).clone()
+    if dist.world_size > 1:
+        tdist.all_reduce(value)
+    return float(value) / dist.world_size
+
+
+def _on_nonfinite(cfg: TrainConfig, dist: DistInfo, what: str, step: int, skipped: int, consecutive: int) -> tuple[int, int]:
+    consecutive += 1
+    skipped += 1
+    if cfg.on_nonfinite == "stop" or consecutive > cfg.max_skipped_steps:
+        reason = ("on_nonfinite=stop" if cfg.on_nonfinite == "stop"
+                  else f"{consecutive} consecutive steps were skipped (max_skipped_steps={cfg.max_skipped_steps})")
+        raise FloatingPointError(
+            f"non-finite {what} at step {step} on at least one rank; stopping ({reason}). Lower optim.lr, use "
+            "precision=bf16 or fp32, check the data, and resume from the last checkpoint by rerunning the command.")
+    if dist.is_main:
+        print(f"warning: non-finite {what} at step {step} on at least one rank; all ranks skip this update", flush=True)
+    return skipped, consecutive
+
+
+__all__ = ["Progress", "Objective", "TrainResult", "fit", "deepspeed_config", "compute_dtype", "param_groups"]

@@ -1,0 +1,77 @@
+"""Backbones (timm, randomly initialised) returning one feature vector per image.
+
+`build_backbone(name, ...)` gives an `nn.Module` with
+
+- `embed_dim: int` — width of the feature vector,
+- `forward(x [B, 3, H, W]) -> [B, embed_dim]` — the CLS token after the final norm for ViTs
+  (what DINO uses), the globally average-pooled last stage for ResNets,
+- `build_kwargs: dict` — JSON-able keyword arguments such that `build_backbone(**build_kwargs)`
+  rebuilds the same architecture (the engine writes them to `encoder.json`).
+
+ViTs are built with `dynamic_img_size=True`: the position embedding (a grid for `img_size`) is
+interpolated to whatever resolution comes in, so one model sees 224² global and 96² local crops
+(or 32²/16² on small data). Every H and W must be a multiple of the patch size. `patch_size`
+overrides timm's 16 (use 4 or 8 for 32–64 px images).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch.nn as nn
+
+BACKBONES = ("vit_tiny", "vit_small", "vit_base", "resnet18", "resnet50")
+
+_TIMM_NAMES = {
+    "vit_tiny": "vit_tiny_patch16_224",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+    "resnet18": "resnet18",
+    "resnet50": "resnet50",
+}
+
+
+def build_backbone(
+    name: str,
+    img_size: int = 224,
+    patch_size: int | None = None,
+    drop_path_rate: float = 0.0,
+) -> nn.Module:
+    """Build a randomly initialised backbone without classifier (see module docstring)."""
+    if name not in _TIMM_NAMES:
+        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}")
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+    is_vit = name.startswith("vit_")
+    kwargs: dict[str, Any] = dict(pretrained=False, num_classes=0, drop_path_rate=drop_path_rate)
+    if is_vit:
+        patch = 16 if patch_size is None else int(patch_size)
+        if patch < 1:
+            raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+        if img_size < patch or img_size % patch != 0:
+            raise ValueError(
+                f"img_size ({img_size}) must be a positive multiple of patch_size ({patch})"
+            )
+        # use_naflex=False pins the classic VisionTransformer (state_dict keys) whatever
+        # TIMM_USE_NAFLEXVIT says in the environment.
+        kwargs.update(img_size=img_size, patch_size=patch, dynamic_img_size=True, use_naflex=False)
+    elif patch_size is not None:
+        raise ValueError(f"patch_size only applies to ViT backbones, not {name!r}")
+
+    model = timm.create_model(_TIMM_NAMES[name], **kwargs)
+    model.embed_dim = int(model.num_features)  # timm ResNets only have num_features
+    model.build_kwargs = dict(
+        name=name, img_size=int(img_size), patch_size=patch_size, drop_path_rate=float(drop_path_rate)
+    )
+    return model
+
+
+def backbone_config(module: nn.Module) -> dict[str, Any]:
+    """The kwargs that rebuild `module` with `build_backbone(**config)` (a copy, JSON-able)."""
+    cfg = getattr(module, "build_kwargs", None)
+    if not isinstance(cfg, dict):
+        raise ValueError(
+            f"{type(module).__name__} was not made by build_backbone (no .build_kwargs attribute)"
+        )
+    return dict(cfg)

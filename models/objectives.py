@@ -1,0 +1,78 @@
+"""Training objectives the engine runs: everything of a method except the optimised student.
+
+An objective owns the EMA teacher, the loss modules and their state (DINO's centre), and turns a
+batch into a loss through the DeepSpeed-wrapped student (``engine``). The engine stays unaware of
+which method is running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from genssl.models.backbones import build_backbone
+from genssl.models.dino import DINOHead, DINOLoss, MultiCropWrapper
+from genssl.models.ema import EMATeacher
+from genssl.models.schedules import warmup_then_constant
+
+
+@dataclasses.dataclass
+class DINOConfig:
+    """DINO head and loss settings (Caron et al. 2021; ViT-S/16 reference values)."""
+
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    norm_last_layer: bool = True
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    center_momentum: float = 0.9
+    drop_path_rate: float = 0.1
+
+    def validate(self) -> None:
+        if min(self.out_dim, self.hidden_dim, self.bottleneck_dim) < 1:
+            raise ValueError("dino.out_dim, dino.hidden_dim and dino.bottleneck_dim must be >= 1")
+        if min(self.student_temp, self.teacher_temp, self.warmup_teacher_temp) <= 0:
+            raise ValueError("dino temperatures must be > 0")
+
+
+def build_dino_student(model: str, img_size: int, patch_size: int, cfg: DINOConfig) -> MultiCropWrapper:
+    backbone = build_backbone(model, img_size=img_size, patch_size=patch_size if model.startswith("vit") else None,
+                              drop_path_rate=cfg.drop_path_rate)
+    head = DINOHead(backbone.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, norm_last_layer=cfg.norm_last_layer)
+    return MultiCropWrapper(backbone, head)
+
+
+class DINOObjective(nn.Module):
+    """``L_DINO``: teacher sees the global crops, the student every crop (crop-major batches).
+
+    Batches are ``(crops, indices)`` with the ``n_global`` global crops first. The teacher runs in
+    fp32 weights under autocast in the training precision; the student receives crops in the
+    engine's dtype. The centre is updated from the teacher's outputs on the global crops.
+    """
+
+    def __init__(self, student: MultiCropWrapper, cfg: DINOConfig, n_global: int, epochs: int, dtype: torch.dtype):
+        super().__init__()
+        self.teacher = EMATeacher(student)
+        self.loss = DINOLoss(cfg.out_dim, n_global=n_global, student_temp=cfg.student_temp,
+                             center_momentum=cfg.center_momentum)
+        self.cfg, self.n_global, self.epochs, self.dtype = cfg, n_global, epochs, dtype
+        self.teacher_temps = warmup_then_constant(cfg.warmup_teacher_temp, cfg.teacher_temp,
+                                                  cfg.warmup_teacher_temp_epochs, epochs)
+
+    def teacher_logits(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        device = crops[0].device
+        with torch.no_grad(), torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            return self.teacher(crops).float()
+
+    def training_loss(self, engine, batch, progress):
+        crops, _ = batch
+        teacher_out = self.teacher_logits(crops[: self.n_global])
+        student_out = engine([c.to(self.dtype) for c in crops])
+        temp = float(self.teacher_temps[min(progress.epoch, self.epochs - 1)])
+        loss = self.loss(student_out, teacher_out, temp)
+        return loss, {"teacher_temp": torch.tensor(temp)}

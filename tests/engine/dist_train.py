@@ -1,0 +1,69 @@
+"""A small, fully real DINO training run for the engine tests (DeepSpeed, EMA teacher, checkpoints).
+
+Run under torchrun / the deepspeed launcher / plain python:
+    python tests/engine/dist_train.py out=DIR zero_stage=3 batch_size=4 ...
+Uses synthetic multi-crop data (a pure function of (seed, sample index)), so a run on W ranks with
+batch B sees the same samples per step as a run on 1 rank with batch W*B. Writes DIR/teacher.pt.
+Extra key ``nan_at_step=K`` makes the loss non-finite at global step K (tests the skip/stop path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+import torch
+
+from genssl.data.synthetic import SyntheticMultiCropLoader
+from genssl.engine.config import parse_config
+from genssl.engine.distributed import cleanup, setup_distributed
+from genssl.engine.run_config import TrainConfig
+from genssl.engine.trainer import compute_dtype, fit
+from genssl.models.objectives import DINOConfig, DINOObjective, build_dino_student
+
+
+@dataclasses.dataclass
+class TestRunConfig(TrainConfig):
+    n_samples: int = 48
+    nan_at_step: int = -1
+    step_sleep: float = 0.0  # seconds per step, to leave a window for the SIGKILL test
+    dino: DINOConfig = dataclasses.field(default_factory=lambda: DINOConfig(
+        out_dim=64, hidden_dim=32, bottleneck_dim=16, drop_path_rate=0.0))
+
+
+class NaNInjectingObjective(DINOObjective):
+    def __init__(self, *args, nan_at_step: int, step_sleep: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nan_at_step, self.step_sleep = nan_at_step, step_sleep
+
+    def training_loss(self, engine, batch, progress):
+        time.sleep(self.step_sleep)
+        loss, terms = super().training_loss(engine, batch, progress)
+        if progress.global_step == self.nan_at_step:
+            loss = loss * float("nan")
+        return loss, terms
+
+
+def main(argv=None):
+    defaults = ["model=vit_tiny", "patch_size=4", "epochs=2", "batch_size=4", "precision=fp32", "log.progress=false",
+                "log.every_steps=1", "optim.warmup_epochs=0", "ckpt.every_steps=0", "eval.knn=false"]
+    args = parse_config(defaults + list(sys.argv[1:] if argv is None else argv), TestRunConfig)
+    cfg = args.config
+    dist = setup_distributed(args.local_rank)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank and in every run
+    student = build_dino_student(cfg.model, 8, cfg.patch_size, cfg.dino)
+    objective = NaNInjectingObjective(student, cfg.dino, 2, cfg.epochs, compute_dtype(cfg.precision),
+                                      nan_at_step=cfg.nan_at_step, step_sleep=cfg.step_sleep)
+    loader = SyntheticMultiCropLoader(cfg.n_samples, cfg.batch_size, dist.rank, dist.world_size, cfg.seed,
+                                      global_size=8, local_size=4, n_local=2)
+    _, result = fit(cfg, dist, student, objective, loader, cfg.out, args.deepspeed_config,
+                    late_params=student.head.last_layer_parameters())
+    if dist.is_main:
+        torch.save({"teacher": objective.teacher.state_dict(), "center": objective.loss.center,
+                    "skipped": result.skipped_steps}, f"{cfg.out}/teacher.pt")
+    cleanup()
+
+
+if __name__ == "__main__":
+    main()

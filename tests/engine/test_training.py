@@ -1,0 +1,131 @@
+"""Distributed training through the real engine: DeepSpeed ZeRO 1/2/3 on 2 gloo ranks, the EMA
+teacher under ZeRO-3, SIGKILL + resume, 2-node torchrun, and non-finite handling.
+
+Every run uses tests/engine/dist_train.py (real DINO objective, synthetic data in fp32), so a
+2-rank run with batch 2 must reproduce a 1-rank run with batch 4 step for step. Tolerance: 1e-5
+absolute on teacher weights and per-step losses (fp32; only reduction order differs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+SCRIPT = str(Path(__file__).with_name("dist_train.py"))
+TOL = 1e-5
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _torchrun(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}",
+            SCRIPT, *args]
+
+
+def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def _teacher(run: Path) -> dict:
+    return torch.load(run / "teacher.pt", weights_only=False)
+
+
+def _assert_same_teacher(a: dict, b: dict) -> None:
+    for key in a["teacher"]:
+        torch.testing.assert_close(a["teacher"][key], b["teacher"][key], atol=TOL, rtol=0, msg=key)
+    torch.testing.assert_close(a["center"], b["center"], atol=TOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """One process, no ZeRO, batch 4: what every distributed run must reproduce."""
+    out = tmp_path_factory.mktemp("ref")
+    _run([sys.executable, SCRIPT, f"out={out}", "batch_size=4", "zero_stage=0"])
+    return out
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_two_ranks_zero_stage_matches_single_process(reference: Path, tmp_path: Path, stage: int) -> None:
+    _run(_torchrun(2, f"out={tmp_path}", "batch_size=2", f"zero_stage={stage}"))
+    _assert_same_teacher(_teacher(reference), _teacher(tmp_path))
+    ref, got = _losses(reference), _losses(tmp_path)
+    assert ref.keys() == got.keys() and len(ref) == 24
+    for step in ref:
+        assert abs(ref[step] - got[step]) < TOL, (step, ref[step], got[step])
+
+
+def test_sigkill_then_resume_gives_the_same_losses(reference: Path, tmp_path: Path) -> None:
+    cmd = _torchrun(2, f"out={tmp_path}", "batch_size=2", "zero_stage=3", "ckpt.every_steps=4", "step_sleep=0.4")
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = tmp_path / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (latest.exists() and latest.read_text().strip() >= "step00000008"):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(_losses(tmp_path))
+    assert killed_at < 24, "the run finished before the kill; the test did not test resume"
+
+    resumed = _run(cmd)
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    ref, got = _losses(reference), _losses(tmp_path)
+    assert sorted(got) == list(range(1, 25)), "metrics.jsonl must hold each step once after resume"
+    for step in ref:
+        assert abs(ref[step] - got[step]) < TOL, (step, ref[step], got[step])
+    _assert_same_teacher(_teacher(reference), _teacher(tmp_path))
+    tags = sorted(p.name for p in (tmp_path / "checkpoints").glob("step*"))
+    assert len(tags) <= 2 and tags[-1] == "step00000024"  # keep_last=2
+
+
+def test_two_nodes_one_process_each_with_torchrun(reference: Path, tmp_path: Path) -> None:
+    port = _port()
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={r}",
+                               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}", SCRIPT,
+                               f"out={tmp_path}", "batch_size=2", "zero_stage=2"],
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-4000:]
+    _assert_same_teacher(_teacher(reference), _teacher(tmp_path))
+
+
+def test_nonfinite_loss_is_skipped_on_every_rank(tmp_path: Path) -> None:
+    _run(_torchrun(2, f"out={tmp_path}", "batch_size=2", "zero_stage=2", "epochs=1", "nan_at_step=3"))
+    state = _teacher(tmp_path)
+    assert state["skipped"] == 1
+    assert all(torch.isfinite(v).all() for v in state["teacher"].values())
+
+
+def test_nonfinite_loss_stops_with_a_clear_message(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, SCRIPT, f"out={tmp_path}", "epochs=1", "nan_at_step=2", "on_nonfinite=stop"],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "non-finite loss at step 2" in proc.stderr and "on_nonfinite=stop" in proc.stderr
