@@ -185,7 +185,7 @@ def fit(cfg: TrainConfig, dist: DistInfo, student: nn.Module, objective: nn.Modu
     total_steps = cfg.epochs * steps_per_epoch
     global_batch = cfg.batch_size * dist.world_size
     lr_sched = cosine_schedule(cfg.optim.lr * global_batch / 256, cfg.optim.min_lr, total_steps,
-                               warmup_steps=int(cfg.optim.warmup_epochs * steps_per_epoch))
+                               warmup_steps=min(total_steps, int(cfg.optim.warmup_epochs * steps_per_epoch)))
     wd_sched = cosine_schedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total_steps)
     momentum_sched = cosine_schedule(cfg.ema.momentum, cfg.ema.momentum_end, total_steps)
     late_until = cfg.optim.freeze_last_layer_epochs * steps_per_epoch

@@ -2,8 +2,8 @@
 
 ``gather_with_grad(x)``: forward = all-gather of ``x`` [n, ...] from every rank into
 [world * n, ...] (rank order); backward = reduce-scatter (sum over ranks) of the incoming gradient,
-returning this rank's slice. NCCL (and any backend with ``reduce_scatter_tensor``) uses it directly;
-gloo, which lacks reduce-scatter, uses ``all_reduce`` + slice. All ranks must pass the same shape.
+returning this rank's slice. CUDA tensors on NCCL use ``reduce_scatter_tensor``; other backends
+(gloo lacks reduce-scatter) use ``all_reduce`` + slice. All ranks must pass the same shape.
 
 ``distributed_contrastive_loss``: local rows against the all-gathered columns. Definition (W ranks,
 equal local batch ``M_local``, ``M = W * M_local`` global rows, ``r`` = this rank)::
@@ -38,10 +38,14 @@ def world_info(group=None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def _nccl_tensor(x: torch.Tensor, group) -> bool:
+    """CUDA tensor on a group with an NCCL backend (``"nccl"`` or e.g. ``"cpu:gloo,cuda:nccl"``)."""
+    return x.is_cuda and "nccl" in str(dist.get_backend(group))
+
+
 def _all_gather(x: torch.Tensor, group, world: int) -> torch.Tensor:
     x = x.contiguous()
-    backend = dist.get_backend(group)
-    if backend == "nccl" and hasattr(dist, "all_gather_into_tensor"):
+    if _nccl_tensor(x, group) and hasattr(dist, "all_gather_into_tensor"):
         out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
         dist.all_gather_into_tensor(out, x, group=group)
         return out
@@ -61,7 +65,7 @@ class _GatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad):
         grad = grad.contiguous()
         n, rank, group = ctx.n, ctx.rank, ctx.group
-        if dist.get_backend(group) != "gloo" and hasattr(dist, "reduce_scatter_tensor"):
+        if _nccl_tensor(grad, group) and hasattr(dist, "reduce_scatter_tensor"):
             out = torch.empty((n,) + tuple(grad.shape[1:]), dtype=grad.dtype, device=grad.device)
             dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM, group=group)
             return out, None

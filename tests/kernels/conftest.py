@@ -1,10 +1,6 @@
-"""Kernel tests run the Triton kernels on the CPU through the Triton interpreter.
+"""Kernel tests run the Triton kernels on the CPU through the Triton interpreter when there is no GPU.
 
-``TRITON_INTERPRET=1`` must be in the environment before ``triton.language`` is first imported
-(Triton builds its library functions for the interpreter only then); the Triton-path tests skip
-with that reason otherwise. Setting it in the root ``tests/conftest.py`` covers every folder.
+``TRITON_INTERPRET=1`` must be in the environment before ``triton.language`` is first imported;
+the root ``tests/conftest.py`` sets it for the whole suite (only without CUDA, so a GPU machine
+tests the compiled kernels). The Triton-path tests skip with that reason otherwise.
 """
-
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -343,6 +343,31 @@ def test_self_offset_upper_edge_is_valid():
     contrastive_loss(a.pop("q"), a.pop("k"), a.pop("q_labels"), a.pop("k_labels"), **a)
 
 
+def test_gpu_tiling_plan_and_autotune_prune():
+    """The GPU-only tiling logic (exercised here without a GPU): D plans, config pruning, buckets."""
+    assert C._d_plan(256, False, torch.bfloat16) == {"BLOCK_D": 256, "BLOCK_DO": 256, "SINGLE_D": True}
+    assert C._d_plan(256, False, torch.float32) == {"BLOCK_D": 64, "BLOCK_DO": 128, "SINGLE_D": False}
+    assert C._d_plan(1000, False, torch.float16) == {"BLOCK_D": 64, "BLOCK_DO": 256, "SINGLE_D": False}
+    assert C._d_plan(19, False, torch.float32)["BLOCK_D"] == 32
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+        assert C._dot_flags(torch.float32, False) == {"PREC": "tf32x3", "UPCAST": False}
+        mp.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+        assert C._dot_flags(torch.float32, False)["PREC"] == "tf32"
+    assert C._dot_flags(torch.bfloat16, True) == {"PREC": "ieee", "UPCAST": True}
+    for kind, tiles in (("fwd", C._FWD_TILES), ("dq", C._DQ_TILES), ("dk", C._DK_TILES)):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for D in (16, 64, 128, 256, 1024):
+                plan = C._d_plan(D, False, dtype)
+                kept = C._make_prune(kind)(C._configs(tiles), {"Q": torch.empty(1, dtype=dtype)},
+                                           **plan, **C._dot_flags(dtype, False))
+                assert kept, (kind, dtype, D)
+                if dtype == torch.float32:
+                    assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 for c in kept)
+    buckets = [C._size_bucket(n, n) for n in (256, 4096, 16384, 65536, 1 << 20)]
+    assert buckets == sorted(set(buckets))
+
+
 # ------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 @requires_gpu
