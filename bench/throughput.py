@@ -27,10 +27,8 @@ import torch
 
 from genssl.data.augment import MultiCropSpec
 from genssl.data.builtin import resolve_data
-from genssl.data.dali_loader import DaliMultiCropLoader
 from genssl.data.index import build_index
 from genssl.data.synthetic import SyntheticMultiCropLoader
-from genssl.data.torch_loader import TorchMultiCropLoader
 from genssl.engine.config import parse_config
 from genssl.engine.distributed import setup_distributed
 from genssl.engine.trainer import compute_dtype, fit
@@ -145,9 +143,14 @@ def main() -> None:
     device = dist.device
     device_id = dist.local_rank if device.type == "cuda" else None
 
-    index = build_index(resolve_data(args.data or data_spec).train)
     spec, bs = cfg.crops, cfg.batch_size
     results: dict = {}
+    needs_files = not {"data", "e2e"} <= set(args.skip)
+    if needs_files:  # DALI is imported only here: the training-step bench runs without it
+        from genssl.data.dali_loader import DaliMultiCropLoader
+        from genssl.data.torch_loader import TorchMultiCropLoader
+
+        index = build_index(resolve_data(args.data or data_spec).train)
     if "data" not in args.skip:
         dali = DaliMultiCropLoader(index, spec, bs, 0, 1, cfg.seed, device_id=device_id, num_threads=args.workers)
         torch_loader = TorchMultiCropLoader(index, spec, bs, 0, 1, cfg.seed, num_workers=args.workers)
@@ -183,11 +186,16 @@ def main() -> None:
             results["end_to_end"]["images"] = n
 
     import deepspeed
-    import nvidia.dali
 
+    try:
+        import nvidia.dali as dali_module
+
+        dali_version = dali_module.__version__
+    except ImportError:
+        dali_version = None
     record = {
         "date": datetime.date.today().isoformat(), "device": device_name(device), "bench": "throughput",
-        "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "dali": nvidia.dali.__version__,
+        "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "dali": dali_version,
                      "python": platform.python_version()},
         "config": {"preset": args.preset, "data": args.data or data_spec, "model": cfg.model, "patch_size": cfg.patch_size,
                    "precision": cfg.precision, "batch_size": bs, "zero_stage": cfg.zero_stage,

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from genssl.data.index import default_cache_dir
 
-SHAPES_VERSION = 1
+SHAPES_VERSION = 2
 CLASSES = ("arrow", "circle", "cross", "crescent", "diamond", "ellipse_bar", "heart", "hexagon",
            "ring", "square", "star", "triangle")
 
@@ -90,7 +90,10 @@ def _shape_polys(name: str, r: float) -> tuple[list[list[tuple[float, float]]], 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    # Low-contrast textures: visible, but the object stays the most salient thing two crops share
+    # (high-contrast textures let SSL match crops by background alone and ignore the shape).
+    c0 = rng.uniform(40, 215, 3)
+    c1 = np.clip(c0 + rng.uniform(-40, 40, 3), 0, 255)
     kind = rng.integers(4)
     if kind == 0:  # linear gradient
         ang = rng.uniform(0, 2 * math.pi)
@@ -106,7 +109,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
         coarse = rng.random((5, 5)).astype(np.float32)
         t = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC), np.float32) / 255
     img = c0 * (1 - t[..., None]) + c1 * t[..., None]
-    img += rng.normal(0, rng.uniform(2, 20), img.shape)
+    img += rng.normal(0, rng.uniform(2, 10), img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -114,13 +117,19 @@ def render_shape(name: str, rng: np.random.Generator, size: int = 64) -> Image.I
     """One image of shape ``name``: random colour, size, position, rotation, background."""
     ss = 2  # draw at 2x and downsample: anti-aliased edges
     big = size * ss
-    img = Image.fromarray(_background(rng, size)).resize((big, big), Image.NEAREST)
+    background = _background(rng, size)
+    img = Image.fromarray(background).resize((big, big), Image.NEAREST)
     mask = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(mask)
-    r = rng.uniform(0.22, 0.42) * big
+    r = rng.uniform(0.28, 0.45) * big
     cx, cy = rng.uniform(r * 0.8, big - r * 0.8, 2)
     rot = rng.uniform(0, 2 * math.pi)
-    colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+    # Any colour, but clearly off the background's mean brightness so the outline is visible.
+    mean = float(background.mean())
+    for _ in range(20):
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        if abs(sum(colour) / 3 - mean) >= 60:
+            break
     polys, holes = _shape_polys(name, r)
 
     def place(poly: list[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from genssl.data.dali_loader import DaliEvalLoader
 from genssl.data.index import DatasetIndex
 from genssl.engine.distributed import DistInfo
 from genssl.engine.knn import extract_features, knn_classify
@@ -42,6 +41,8 @@ def knn_splits(train: DatasetIndex, val: DatasetIndex | None, holdout: float, se
 def knn_eval(backbone: nn.Module, train: DatasetIndex, val: DatasetIndex | None, cfg: EvalConfig, dist: DistInfo,
              seed: int = 0, num_threads: int = 2) -> dict | None:
     """Weighted k-NN top-1/top-5 of ``backbone`` features; every rank calls it, all get the result."""
+    from genssl.data.dali_loader import DaliEvalLoader  # DALI is imported only when data is read
+
     splits = knn_splits(train, val, cfg.holdout, seed)
     if splits is None:
         return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -47,7 +48,9 @@ class MetricsLogger:
             os.replace(tmp, self.path)
         self.fh = open(self.path, "a")
         if progress:
-            self.bar = tqdm(total=total_steps, initial=resume_step, dynamic_ncols=True, desc="train")
+            # Redirected output (logs, CI) gets a line every 30 s instead of a redraw per step.
+            self.bar = tqdm(total=total_steps, initial=resume_step, dynamic_ncols=True, desc="train",
+                            mininterval=0.1 if sys.stderr.isatty() else 30.0)
 
     def log(self, record: dict) -> None:
         if not self.enabled:

@@ -6,7 +6,6 @@ import dataclasses
 
 from genssl.data.augment import MultiCropSpec
 from genssl.data.builtin import resolve_data
-from genssl.data.dali_loader import DaliMultiCropLoader
 from genssl.data.index import DatasetIndex, build_index
 from genssl.engine.distributed import DistInfo, barrier
 from genssl.engine.run_config import TrainConfig
@@ -38,7 +37,10 @@ def load_data(spec: str, cache_dir: str, dist: DistInfo) -> Data:
     return data
 
 
-def train_loader(index: DatasetIndex, spec: MultiCropSpec, cfg: TrainConfig, dist: DistInfo) -> DaliMultiCropLoader:
+def train_loader(index: DatasetIndex, spec: MultiCropSpec, cfg: TrainConfig, dist: DistInfo):
+    """The rank's DALI multi-crop loader (GPU decode on CUDA, CPU pipeline otherwise)."""
+    from genssl.data.dali_loader import DaliMultiCropLoader  # DALI is imported only when data is read
+
     device_id = dist.local_rank if dist.device.type == "cuda" else None
     return DaliMultiCropLoader(index, spec, cfg.batch_size, dist.rank, dist.world_size, cfg.seed,
                                device_id=device_id, num_threads=max(1, cfg.num_workers))

@@ -375,19 +375,21 @@ def _cache_dir(cache_dir: str | os.PathLike | None) -> Path:
 
 def cached_embeddings(encoder_spec: str | os.PathLike, index, dist, size: int = 0, batch_size: int = 64,
                       num_threads: int = 2, cache_dir: str | os.PathLike | None = None,
-                      log: Callable[[str], None] | None = print) -> tuple[np.ndarray, dict]:
+                      log: Callable[[str], None] | None = print,
+                      input_spec: EncoderInput | None = None) -> tuple[np.ndarray, dict]:
     """``e = normalize(f0(I))`` (the encoder's CLS / pooled feature, L2-normalised, float32 ``[N, E]``) of
     every image of ``index``, cached by (dataset fingerprint, encoder file sha256, input spec).
 
     ``encoder_spec`` is a run directory or its ``encoder.safetensors`` (:func:`load_encoder`).
-    Returns ``(embeddings memmap, info)`` with ``info`` = what the E-LDM records about its encoder
-    (``path``, ``sha256``, ``embed_dim``, ``input``).
+    ``input_spec`` (default: :func:`encoder_input` of the encoder's metadata and ``size``) fixes the
+    preprocessing, e.g. to the one an E-LDM recorded. Returns ``(embeddings memmap, info)`` with
+    ``info`` = what the E-LDM records about its encoder (``path``, ``sha256``, ``embed_dim``, ``input``).
     """
     from genssl.engine.export import load_encoder, resolve_encoder_path
 
     path = resolve_encoder_path(encoder_spec).resolve()
     backbone, meta = load_encoder(path, dist.device)
-    spec = encoder_input(meta, size)
+    spec = input_spec or encoder_input(meta, size)
     sha = file_sha256(path)
     info = {"path": str(path), "sha256": sha, "embed_dim": int(meta["embed_dim"]), "input": spec.to_dict(),
             "data_fingerprint": meta.get("data_fingerprint", "")}
