@@ -2,13 +2,16 @@
 
 Why: smoke runs, tests and CI need a dataset that exists everywhere, downloads nothing, has labels
 (so k-NN accuracy means something: chance is 1/12) and is not trivially separable by colour or
-background alone. Class = shape; colour, size, position, rotation and textured background
-(noise, stripes, gradients, checkers) vary per image. Deterministic by seed; written once as JPEG
+background alone. Class = shape; each shape has a characteristic hue that varies by +-25 degrees
+(neighbouring classes overlap, so colour alone is weak: k-NN on pixels is ~12 %), and size, position,
+rotation, brightness and a low-contrast textured background (noise, stripes, gradients, checkers)
+vary per image. Deterministic by seed; written once as JPEG
 ImageFolder ``train/`` and ``val/`` into the cache (atomically) and reused.
 """
 
 from __future__ import annotations
 
+import colorsys
 import math
 import os
 import shutil
@@ -22,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from genssl.data.index import default_cache_dir
 
-SHAPES_VERSION = 2
+SHAPES_VERSION = 3
 CLASSES = ("arrow", "circle", "cross", "crescent", "diamond", "ellipse_bar", "heart", "hexagon",
            "ring", "square", "star", "triangle")
 
@@ -124,12 +127,13 @@ def render_shape(name: str, rng: np.random.Generator, size: int = 64) -> Image.I
     r = rng.uniform(0.28, 0.45) * big
     cx, cy = rng.uniform(r * 0.8, big - r * 0.8, 2)
     rot = rng.uniform(0, 2 * math.pi)
-    # Any colour, but clearly off the background's mean brightness so the outline is visible.
-    mean = float(background.mean())
-    for _ in range(20):
-        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
-        if abs(sum(colour) / 3 - mean) >= 60:
-            break
+    # Each kind of object has a characteristic hue (as fire engines are red), varied by +-25 degrees,
+    # with random saturation and brightness; the value is kept clearly off the background's mean
+    # brightness so the outline is visible.
+    hue = (CLASSES.index(name) / len(CLASSES) + rng.normal(0, 25 / 360)) % 1.0
+    mean = float(background.mean()) / 255
+    value = rng.uniform(0.75, 1.0) if mean < 0.5 else rng.uniform(0.1, 0.35)
+    colour = tuple(int(255 * c) for c in colorsys.hsv_to_rgb(hue, rng.uniform(0.5, 1.0), value))
     polys, holes = _shape_polys(name, r)
 
     def place(poly: list[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -35,17 +35,18 @@ first (exactly `DaliMultiCropLoader`'s stream, so with ``p_gen=0`` and ``interpo
 crops are bit-identical to it), then the ``from_gen`` flags (``rng.random(B) < p_gen``), the synthetic
 crop windows, the interpolated and the partner crops' parameters. Which of the K synthetic views and
 which of the J interpolated views a source uses in an epoch is a function of (seed, epoch, i) alone
-(one permutation-free draw per epoch, `GenSISLoader.view_choice`). So a batch is a pure function of
+(one draw of N integers per (seed, epoch), `GenSISLoader.view_choice`). So a batch is a pure function of
 (seed, epoch, rank, step): ``iter_from(k)`` yields exactly batches ``k..`` of the uninterrupted epoch
 and reads nothing of batches ``0..k-1``.
 
-Reading. The host inputs of a batch are produced by `_GenSISFeed.batch(epoch, step)` (file bytes
+Reading. The host inputs of a batch are produced by `_GenSISFeed.batch(order, epoch, step)` (file bytes
 via ``np.fromfile``, views through `genssl.data.viewstore.ViewStoreReader`, per-sample reads on a
 small thread pool). With ``py_workers > 0`` (default 2) it runs in DALI's parallel external source
 (``parallel=True``, ``batch=True``, spawned worker processes, each building whole batches, so Zarr
 decoding and file reads never hold the training process's GIL). Because DALI pickles the source
 into its workers when the pipeline is built, every pass (epoch or ``iter_from``) builds a fresh
-pipeline: about 1–2 s of worker start-up per epoch. ``py_workers=0`` builds the batches in a
+pipeline: DALI starts the workers one after another, each importing torch and DALI (about 4 s per
+worker on a busy 2-core CPU machine), once per epoch. ``py_workers=0`` builds the batches in a
 background thread of this process instead (`read_ahead`, as `DaliMultiCropLoader`), one pipeline
 reused across passes; both modes yield identical batches. Spawned workers re-import the main
 module: scripts that build this loader need an ``if __name__ == "__main__":`` guard (the recipes
@@ -121,11 +122,28 @@ class _Paths:
         return self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes()
 
 
+def _interp_slot(spec: MultiCropSpec) -> int:
+    """The crop slot whose augmentation plan the interpolated view gets (slot 1; slot 0 if it is the only global)."""
+    return GEN_SLOT if spec.n_global > GEN_SLOT else TEACHER_SLOT
+
+
 def _slot_spec(spec: MultiCropSpec, slot: int) -> MultiCropSpec:
     """A one-crop spec whose only crop has the size, scale and blur/solarize plan of ``slot``."""
     plan = spec.plans()[slot]
     return dataclasses.replace(spec, n_global=1, n_local=0, global_size=plan.size, global_scale=plan.scale,
                                blur_p_global=(plan.blur_p,), solarize_p_global=(plan.solarize_p,))
+
+
+@dataclasses.dataclass
+class _Sample:
+    """What is read for one sample (file bytes are encoded; views are decoded uint8 HWC)."""
+
+    encoded: np.ndarray
+    synthetic: np.ndarray | None = None
+    interp: np.ndarray | None = None
+    partner: int = -1
+    alpha: float = 0.0
+    partner_encoded: np.ndarray | None = None
 
 
 class _GenSISFeed:
@@ -139,12 +157,13 @@ class _GenSISFeed:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.p_gen, self.interpolation, self.read_threads = p_gen, interpolation, read_threads
         self.use_gen = p_gen > 0
+        self.K = self.J = 0
+        self.view_wh = np.zeros(2, dtype=np.int64)
         if reader is not None:
             self.K, self.J = reader.store.views_per_image, reader.store.interp_per_image
             self.view_wh = np.array([reader.store.width, reader.store.height], dtype=np.int64)
-        self.gen_spec, self.interp_spec, self.partner_spec = (_slot_spec(spec, GEN_SLOT if spec.n_global > 1 else 0),
-                                                              _slot_spec(spec, GEN_SLOT if spec.n_global > 1 else 0),
-                                                              _slot_spec(spec, TEACHER_SLOT))
+        self.gen_spec = _slot_spec(spec, GEN_SLOT) if self.use_gen else None
+        self.interp_spec, self.partner_spec = _slot_spec(spec, _interp_slot(spec)), _slot_spec(spec, TEACHER_SLOT)
         self._pool: ThreadPoolExecutor | None = None
         self._choice: tuple[int, np.ndarray, np.ndarray] | None = None
 
@@ -173,20 +192,20 @@ class _GenSISFeed:
             _ = self.reader.store if self.reader is not None else None  # open once, before the threads race
         return list(self._pool.map(fn_, items))
 
-    def _read_sample(self, item: tuple[int, bool, int, int]):
+    def _read_sample(self, item: tuple[int, bool, int, int]) -> _Sample:
         i, gen, k, j = item
-        out = [np.fromfile(self.paths[i], dtype=np.uint8)]
-        if self.use_gen:
-            out.append(self.reader.views(i)[k] if gen else np.zeros((1, 1, 3), np.uint8))  # dummy: never used
+        sample = _Sample(np.fromfile(self.paths[i], dtype=np.uint8))
+        if self.use_gen:  # a tiny dummy for real samples: the conditional never passes it on
+            sample.synthetic = self.reader.views(i)[k] if gen else np.zeros((1, 1, 3), np.uint8)
         if self.interpolation:
             views, partners, alphas = self.reader.interp(i)
-            p = int(partners[j])
-            out += [views[j], p, np.float32(alphas[j]), np.fromfile(self.paths[p], dtype=np.uint8)]
-        return out
+            sample.interp, sample.partner, sample.alpha = views[j], int(partners[j]), float(alphas[j])
+            sample.partner_encoded = np.fromfile(self.paths[sample.partner], dtype=np.uint8)
+        return sample
 
     def batch(self, order: np.ndarray, epoch: int, step: int) -> tuple:
         """Host inputs of batch ``step`` (``order`` = this epoch's ``[steps, B]`` indices), in the order
-        of the external source's outputs (see `GenSISLoader._outputs`)."""
+        of the external source's outputs (`_outputs`)."""
         idx = order[step]
         b = len(idx)
         rng = np.random.default_rng([self.seed, epoch, self.rank, step])
@@ -195,19 +214,18 @@ class _GenSISFeed:
         if self.use_gen:
             gen = rng.random(b) < self.p_gen
             syn = sample_multicrop_params(rng, self.gen_spec, np.tile(self.view_wh, (b, 1)))
-            params[gen, GEN_SLOT] = syn[gen, 0]
-        ks, js = self.view_choice(epoch) if self.reader is not None else (np.zeros(self.n, int),) * 2
+            params[gen, GEN_SLOT] = syn[gen, 0]  # crop windows drawn for the synthetic view's size
+        ks, js = self.view_choice(epoch) if self.reader is not None else (np.zeros(self.n, np.int64),) * 2
         samples = self._map(self._read_sample, [(int(i), bool(g), int(ks[i]), int(js[i])) for i, g in zip(idx, gen)])
-        out = [[s[0] for s in samples], idx, params]
+        out = [[s.encoded for s in samples], idx, params]
         if self.use_gen:
-            out += [[s[1] for s in samples], gen]
+            out += [[s.synthetic for s in samples], gen.astype(np.uint8)]
         if self.interpolation:
-            o = 2 if self.use_gen else 1
-            partners = np.array([s[o + 1] for s in samples], dtype=np.int64)
+            partners = np.array([s.partner for s in samples], dtype=np.int64)
             interp_params = sample_multicrop_params(rng, self.interp_spec, np.tile(self.view_wh, (b, 1)))
             partner_params = sample_multicrop_params(rng, self.partner_spec, self.sizes[partners])
-            out += [np.stack([s[o] for s in samples]), interp_params, [s[o + 3] for s in samples], partner_params,
-                    partners, np.array([s[o + 2] for s in samples], dtype=np.float32)]
+            out += [np.stack([s.interp for s in samples]), interp_params, [s.partner_encoded for s in samples],
+                    partner_params, partners, np.array([s.alpha for s in samples], dtype=np.float32)]
         return tuple(out)
 
 
@@ -263,7 +281,7 @@ def _gensis_pipeline(source, parallel: bool, spec: MultiCropSpec, on_gpu: bool, 
     outs = [_crop(second if c == GEN_SLOT and use_gen else real, _slot_spec(spec, c), params[c:c + 1])
             for c in range(spec.n_crops)]
     if interpolation:
-        outs.append(_crop(_on_device(nodes["interp"], on_gpu), _slot_spec(spec, GEN_SLOT if spec.n_global > 1 else 0),
+        outs.append(_crop(_on_device(nodes["interp"], on_gpu), _slot_spec(spec, _interp_slot(spec)),
                           nodes["interp_params"]))
         outs.append(_crop(_decode(nodes["partner_encoded"], 0 if on_gpu else None), _slot_spec(spec, TEACHER_SLOT),
                           nodes["partner_params"]))

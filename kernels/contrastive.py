@@ -81,6 +81,132 @@ if triton is not None:
     # tile is rounded to bf16 first). Products of bf16 values are exact in fp32, so this reproduces
     # a bf16 MMA with fp32 accumulation. On the GPU, UPCAST is False.
 
+    try:
+        from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
+    except Exception:  # pragma: no cover - interpreter missing in this triton build
+        _InterpretedFunction = None
+
+    class _DeviceFunction(triton.JITFunction):
+        """A device helper of the kernels, usable from both wrappings.
+
+        Compiled kernels call it like any ``@triton.jit`` function (the compiler inlines it). An
+        interpreted kernel is plain Python and calls the object itself: that runs the helper
+        interpreted. (``@triton.jit`` would pick one of the two at import time, from
+        TRITON_INTERPRET.)
+        """
+
+        def __init__(self, fn):
+            super().__init__(fn)
+            self._interpreted = None if _InterpretedFunction is None else _InterpretedFunction(fn)
+
+        def __call__(self, *args, **kwargs):
+            return self._interpreted(*args, **kwargs)
+
+    # ------------------------------------------------------------------------ device helpers
+    @_DeviceFunction
+    def _tile_index(start, BLOCK: tl.constexpr, limit):
+        """Indices ``start + [0, BLOCK)``, their bound mask and their int64 copy (for addresses)."""
+        idx = start + tl.arange(0, BLOCK)
+        return idx, idx < limit, idx.to(tl.int64)
+
+    @_DeviceFunction
+    def _load_tile(X, idx64, idx_ok, stride, offs, offs_ok, UPCAST: tl.constexpr):
+        """The tile ``X[idx, offs]`` of a row-major matrix, zero outside the masks (``offs_ok`` is a
+        [1, len(offs)] row)."""
+        t = tl.load(X + idx64[:, None] * stride + offs[None, :], mask=idx_ok[:, None] & offs_ok, other=0.0)
+        if UPCAST:
+            t = t.to(tl.float32)
+        return t
+
+    @_DeviceFunction
+    def _store_tile(X, idx64, idx_ok, stride, offs, offs_ok, t):
+        """Stores ``t`` (in X's dtype) to ``X[idx, offs]`` inside the masks (``offs_ok``: [1, len(offs)])."""
+        tl.store(X + idx64[:, None] * stride + offs[None, :], t.to(X.dtype.element_ty), mask=idx_ok[:, None] & offs_ok)
+
+    @_DeviceFunction
+    def _full_d_tile(X, idx64, idx_ok, stride, D, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
+                     UPCAST: tl.constexpr):
+        """SINGLE_D: the whole feature rows ``X[idx, :]`` as one tile. Chunked D: None (loaded by chunks)."""
+        t = None
+        if SINGLE_D:
+            offs_d = tl.arange(0, BLOCK_D)
+            t = _load_tile(X, idx64, idx_ok, stride, offs_d, offs_d[None, :] < D, UPCAST)
+        return t
+
+    @_DeviceFunction
+    def _logit_tile(A, a_idx64, a_ok, stride_a, a, B, b_idx64, b_ok, stride_b, D,
+                    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+                    SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+        """Unscaled logits ``A[a_idx] . B[b_idx]^T`` [BLOCK_A, BLOCK_B] in fp32, and the tile of B they
+        loaded. SINGLE_D: one dot of the resident full-D tile ``a`` and the full-D tile ``b``, which is
+        returned for reuse by the gradient product. Chunked D: a loop over BLOCK_D chunks of both
+        (``a`` is None and None is returned for ``b``)."""
+        # (Both branches return: the compiler accepts a literal None in a returned tuple, not a
+        # variable holding None.)
+        if SINGLE_D:
+            b = _full_d_tile(B, b_idx64, b_ok, stride_b, D, BLOCK_D, SINGLE_D, UPCAST)
+            return tl.dot(a, tl.trans(b), input_precision=PREC), b
+        else:
+            offs_d = tl.arange(0, BLOCK_D)
+            s = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + offs_d
+                d_ok = dd < D
+                ac = _load_tile(A, a_idx64, a_ok, stride_a, dd, d_ok[None, :], UPCAST)
+                bc = _load_tile(B, b_idx64, b_ok, stride_b, dd, d_ok[None, :], UPCAST)
+                s += tl.dot(ac, tl.trans(bc), input_precision=PREC)
+            return s, None
+
+    @_DeviceFunction
+    def _row_coeffs(QL, LSE2, C, CW, rows, row_ok):
+        """Per-row backward inputs: label, lse (base 2), c and cw. Padded rows get lse = +inf and
+        c = cw = 0, so that their dS is exactly 0."""
+        qlab = tl.load(QL + rows, mask=row_ok, other=0)
+        lse2 = tl.load(LSE2 + rows, mask=row_ok, other=float("inf"))
+        c = tl.load(C + rows, mask=row_ok, other=0.0)
+        cw = tl.load(CW + rows, mask=row_ok, other=0.0)
+        return qlab, lse2, c, cw
+
+    @_DeviceFunction
+    def _overlap(lo_a, hi_a, lo_b, hi_b):
+        """Whether the ranges [lo_a, hi_a) and [lo_b, hi_b) intersect. A tile crosses the excluded band
+        j = i + self_offset when its columns overlap its rows shifted by self_offset."""
+        return (lo_a < hi_b) & (hi_a > lo_b)
+
+    @_DeviceFunction
+    def _tile_needs_mask(row0, n0, N, self_offset, HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+        """Whether the [BLOCK_M, BLOCK_N] tile at (row0, n0) has padded columns or self columns."""
+        needs_mask = n0 + BLOCK_N > N
+        if HAS_SELF:
+            needs_mask = needs_mask | _overlap(n0, n0 + BLOCK_N, row0 + self_offset, row0 + BLOCK_M + self_offset)
+        return needs_mask
+
+    @_DeviceFunction
+    def _valid_mask(rows, cols, col_ok, self_offset, HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+        """[BLOCK_M, BLOCK_N] mask of the valid columns of each row: in bounds and, with HAS_SELF,
+        not the row's self column."""
+        valid = tl.broadcast_to(col_ok[None, :], [BLOCK_M, BLOCK_N])
+        if HAS_SELF:
+            valid = valid & (cols[None, :] != rows[:, None] + self_offset)
+        return valid
+
+    @_DeviceFunction
+    def _grad_product(ds, b, B, b_idx64, b_ok, stride_b, offs_o, o_ok, SINGLE_D: tl.constexpr,
+                      PREC: tl.constexpr, UPCAST: tl.constexpr):
+        """``ds . B[b_idx, offs_o]`` (fp32) for a ``ds`` already rounded to the input dtype. SINGLE_D
+        reuses the full-D tile ``b`` loaded for the logits; chunked D loads the output chunk."""
+        if UPCAST:
+            ds = ds.to(tl.float32)
+        if SINGLE_D:
+            g = tl.dot(ds, b, input_precision=PREC)
+        else:
+            bo = _load_tile(B, b_idx64, b_ok, stride_b, offs_o, o_ok[None, :], UPCAST)
+            g = tl.dot(ds, bo, input_precision=PREC)
+        return g
+
+    # ------------------------------------------------------------------------------- kernels
     # Masks are applied only to the tiles that need them (a runtime branch per tile): the last
     # column tile (padded columns) and, with HAS_SELF, the tiles crossed by the band j = i + self_offset.
     # Padded rows (i >= M) need no mask: their loads are zero, their c = 0 and lse = +inf make dS = 0,
@@ -92,52 +218,21 @@ if triton is not None:
                     BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr, PREC: tl.constexpr,
                     UPCAST: tl.constexpr):
         row0 = tl.program_id(0) * BLOCK_M
-        rows = row0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        rows64 = rows.to(tl.int64)
-        offs_d = tl.arange(0, BLOCK_D)
+        rows, row_ok, rows64 = _tile_index(row0, BLOCK_M, M)
         qlab = tl.load(QL + rows, mask=row_ok, other=0)
-        if SINGLE_D:
-            q = tl.load(Q + rows64[:, None] * stride_q + offs_d[None, :],
-                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
+        q = _full_d_tile(Q, rows64, row_ok, stride_q, D, BLOCK_D, SINGLE_D, UPCAST)  # None if chunked
         m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # running max (base 2); finite: no inf - inf
         l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s2 - m_i)
         psum = tl.zeros([BLOCK_M], tl.float32)  # sum of positive logits (unscaled q.k)
         pcnt = tl.zeros([BLOCK_M], tl.float32)  # number of positives
         for n0 in range(0, N, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < N
-            cols64 = cols.to(tl.int64)
-            if SINGLE_D:
-                kt = tl.load(K + cols64[:, None] * stride_k + offs_d[None, :],
-                             mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-                if UPCAST:
-                    kt = kt.to(tl.float32)
-                s = tl.dot(q, tl.trans(kt), input_precision=PREC)
-            else:
-                s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-                for d0 in range(0, D, BLOCK_D):
-                    dd = d0 + offs_d
-                    d_ok = dd < D
-                    qc = tl.load(Q + rows64[:, None] * stride_q + dd[None, :],
-                                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                    kc = tl.load(K + cols64[:, None] * stride_k + dd[None, :],
-                                 mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                    if UPCAST:
-                        qc = qc.to(tl.float32)
-                        kc = kc.to(tl.float32)
-                    s += tl.dot(qc, tl.trans(kc), input_precision=PREC)
+            cols, col_ok, cols64 = _tile_index(n0, BLOCK_N, N)
+            s, kt = _logit_tile(Q, rows64, row_ok, stride_q, q, K, cols64, col_ok, stride_k, D,
+                                BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, PREC, UPCAST)
             klab = tl.load(KL + cols, mask=col_ok, other=0)
             pos = klab[None, :] == qlab[:, None]
-            needs_mask = n0 + BLOCK_N > N
-            if HAS_SELF:
-                needs_mask = needs_mask | ((n0 < row0 + BLOCK_M + self_offset) & (n0 + BLOCK_N > row0 + self_offset))
-            if needs_mask:
-                valid = tl.broadcast_to(col_ok[None, :], [BLOCK_M, BLOCK_N])
-                if HAS_SELF:
-                    valid = valid & (cols[None, :] != rows[:, None] + self_offset)
+            if _tile_needs_mask(row0, n0, N, self_offset, HAS_SELF, BLOCK_M, BLOCK_N):
+                valid = _valid_mask(rows, cols, col_ok, self_offset, HAS_SELF, BLOCK_M, BLOCK_N)
                 s_m = tl.where(valid, s, float("-inf"))
                 pos = pos & valid
             else:
@@ -166,71 +261,26 @@ if triton is not None:
         # (both 0 and lse = +inf for rows without a positive: their dS is exactly 0).
         row0 = tl.program_id(0) * BLOCK_M
         pid_d = tl.program_id(1)
-        rows = row0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        rows64 = rows.to(tl.int64)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-        o_ok = offs_o < D
-        qlab = tl.load(QL + rows, mask=row_ok, other=0)
-        lse2 = tl.load(LSE2 + rows, mask=row_ok, other=float("inf"))
-        c = tl.load(C + rows, mask=row_ok, other=0.0)
-        cw = tl.load(CW + rows, mask=row_ok, other=0.0)
-        if SINGLE_D:
-            q = tl.load(Q + rows64[:, None] * stride_q + offs_d[None, :],
-                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
+        rows, row_ok, rows64 = _tile_index(row0, BLOCK_M, M)
+        offs_o, o_ok, _ = _tile_index(pid_d * BLOCK_DO, BLOCK_DO, D)
+        qlab, lse2, c, cw = _row_coeffs(QL, LSE2, C, CW, rows, row_ok)
+        q = _full_d_tile(Q, rows64, row_ok, stride_q, D, BLOCK_D, SINGLE_D, UPCAST)  # None if chunked
         acc = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
         for n0 in range(0, N, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < N
-            cols64 = cols.to(tl.int64)
-            if SINGLE_D:
-                kt = tl.load(K + cols64[:, None] * stride_k + offs_d[None, :],
-                             mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-                if UPCAST:
-                    kt = kt.to(tl.float32)
-                s = tl.dot(q, tl.trans(kt), input_precision=PREC)
-            else:
-                s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-                for d0 in range(0, D, BLOCK_D):
-                    dd = d0 + offs_d
-                    d_ok = dd < D
-                    qc = tl.load(Q + rows64[:, None] * stride_q + dd[None, :],
-                                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                    kc = tl.load(K + cols64[:, None] * stride_k + dd[None, :],
-                                 mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                    if UPCAST:
-                        qc = qc.to(tl.float32)
-                        kc = kc.to(tl.float32)
-                    s += tl.dot(qc, tl.trans(kc), input_precision=PREC)
+            cols, col_ok, cols64 = _tile_index(n0, BLOCK_N, N)
+            s, kt = _logit_tile(Q, rows64, row_ok, stride_q, q, K, cols64, col_ok, stride_k, D,
+                                BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, PREC, UPCAST)
             klab = tl.load(KL + cols, mask=col_ok, other=0)
             p = tl.exp2(s * scale2 - lse2[:, None])
             ds = c[:, None] * p - tl.where(klab[None, :] == qlab[:, None], cw[:, None], 0.0)
             # padded columns (their p can overflow when every logit of the row is very negative)
             # and the self column (its p can exceed 1) are zeroed before the product.
-            needs_mask = n0 + BLOCK_N > N
-            if HAS_SELF:
-                needs_mask = needs_mask | ((n0 < row0 + BLOCK_M + self_offset) & (n0 + BLOCK_N > row0 + self_offset))
-            if needs_mask:
-                valid = tl.broadcast_to(col_ok[None, :], [BLOCK_M, BLOCK_N])
-                if HAS_SELF:
-                    valid = valid & (cols[None, :] != rows[:, None] + self_offset)
+            if _tile_needs_mask(row0, n0, N, self_offset, HAS_SELF, BLOCK_M, BLOCK_N):
+                valid = _valid_mask(rows, cols, col_ok, self_offset, HAS_SELF, BLOCK_M, BLOCK_N)
                 ds = tl.where(valid, ds, 0.0)
             ds = ds.to(Q.dtype.element_ty)  # MMA operand in the input dtype (as FlashAttention)
-            if UPCAST:
-                ds = ds.to(tl.float32)
-            if SINGLE_D:
-                acc += tl.dot(ds, kt, input_precision=PREC)
-            else:
-                ko = tl.load(K + cols64[:, None] * stride_k + offs_o[None, :],
-                             mask=col_ok[:, None] & o_ok[None, :], other=0.0)
-                if UPCAST:
-                    ko = ko.to(tl.float32)
-                acc += tl.dot(ds, ko, input_precision=PREC)
-        tl.store(DQ + rows64[:, None] * stride_dq + offs_o[None, :], acc.to(DQ.dtype.element_ty),
-                 mask=row_ok[:, None] & o_ok[None, :])
+            acc += _grad_product(ds, kt, K, cols64, col_ok, stride_k, offs_o, o_ok, SINGLE_D, PREC, UPCAST)
+        _store_tile(DQ, rows64, row_ok, stride_dq, offs_o, o_ok[None, :], acc)
 
     def _dk_kernel(Q, K, QL, KL, LSE2, C, CW, DK,
                    M, N, D, stride_q, stride_k, stride_dk, scale2, self_offset, size_bucket,
@@ -241,77 +291,35 @@ if triton is not None:
         # Padded rows give dS = 0 (c = cw = 0, lse = +inf, q = 0); padded columns are not stored.
         col0 = tl.program_id(0) * BLOCK_N
         pid_d = tl.program_id(1)
-        cols = col0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        cols64 = cols.to(tl.int64)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-        o_ok = offs_o < D
+        cols, col_ok, cols64 = _tile_index(col0, BLOCK_N, N)
+        offs_o, o_ok, _ = _tile_index(pid_d * BLOCK_DO, BLOCK_DO, D)
         klab = tl.load(KL + cols, mask=col_ok, other=0)
-        if SINGLE_D:
-            kt = tl.load(K + cols64[:, None] * stride_k + offs_d[None, :],
-                         mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-            if UPCAST:
-                kt = kt.to(tl.float32)
+        kt = _full_d_tile(K, cols64, col_ok, stride_k, D, BLOCK_D, SINGLE_D, UPCAST)  # None if chunked
         acc = tl.zeros([BLOCK_N, BLOCK_DO], tl.float32)
         for m0 in range(0, M, BLOCK_M):
-            rows = m0 + tl.arange(0, BLOCK_M)
-            row_ok = rows < M
-            rows64 = rows.to(tl.int64)
-            qlab = tl.load(QL + rows, mask=row_ok, other=0)
-            lse2 = tl.load(LSE2 + rows, mask=row_ok, other=float("inf"))
-            c = tl.load(C + rows, mask=row_ok, other=0.0)
-            cw = tl.load(CW + rows, mask=row_ok, other=0.0)
-            if SINGLE_D:
-                qt = tl.load(Q + rows64[:, None] * stride_q + offs_d[None, :],
-                             mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-                if UPCAST:
-                    qt = qt.to(tl.float32)
-                st = tl.dot(kt, tl.trans(qt), input_precision=PREC)  # [BLOCK_N, BLOCK_M] = S^T tile
-            else:
-                st = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-                for d0 in range(0, D, BLOCK_D):
-                    dd = d0 + offs_d
-                    d_ok = dd < D
-                    kc = tl.load(K + cols64[:, None] * stride_k + dd[None, :],
-                                 mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                    qc = tl.load(Q + rows64[:, None] * stride_q + dd[None, :],
-                                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                    if UPCAST:
-                        kc = kc.to(tl.float32)
-                        qc = qc.to(tl.float32)
-                    st += tl.dot(kc, tl.trans(qc), input_precision=PREC)
+            rows, row_ok, rows64 = _tile_index(m0, BLOCK_M, M)
+            qlab, lse2, c, cw = _row_coeffs(QL, LSE2, C, CW, rows, row_ok)
+            st, qt = _logit_tile(K, cols64, col_ok, stride_k, kt, Q, rows64, row_ok, stride_q, D,
+                                 BLOCK_N, BLOCK_M, BLOCK_D, SINGLE_D, PREC, UPCAST)  # S^T [BLOCK_N, BLOCK_M]
             p = tl.exp2(st * scale2 - lse2[None, :])
             ds = c[None, :] * p - tl.where(klab[:, None] == qlab[None, :], cw[None, :], 0.0)
             if HAS_SELF:
-                if (m0 + self_offset < col0 + BLOCK_N) & (m0 + BLOCK_M + self_offset > col0):
+                if _overlap(m0 + self_offset, m0 + BLOCK_M + self_offset, col0, col0 + BLOCK_N):
                     ds = tl.where(cols[:, None] != rows[None, :] + self_offset, ds, 0.0)
             ds = ds.to(K.dtype.element_ty)  # dS^T tile as an MMA operand
-            if UPCAST:
-                ds = ds.to(tl.float32)
-            if SINGLE_D:
-                acc += tl.dot(ds, qt, input_precision=PREC)
-            else:
-                qo = tl.load(Q + rows64[:, None] * stride_q + offs_o[None, :],
-                             mask=row_ok[:, None] & o_ok[None, :], other=0.0)
-                if UPCAST:
-                    qo = qo.to(tl.float32)
-                acc += tl.dot(ds, qo, input_precision=PREC)
-        tl.store(DK + cols64[:, None] * stride_dk + offs_o[None, :], acc.to(DK.dtype.element_ty),
-                 mask=col_ok[:, None] & o_ok[None, :])
+            acc += _grad_product(ds, qt, Q, rows64, row_ok, stride_q, offs_o, o_ok, SINGLE_D, PREC, UPCAST)
+        _store_tile(DK, cols64, col_ok, stride_dk, offs_o, o_ok[None, :], acc)
 
     # size_bucket is not read by the kernels: it only enters the autotuning key, so that tiles tuned
     # on a small batch are not reused on a large one (the best tile depends on the grid size).
     _fwd_jit = triton.JITFunction(_fwd_kernel, do_not_specialize=["size_bucket"])
     _dq_jit = triton.JITFunction(_dq_kernel, do_not_specialize=["size_bucket"])
     _dk_jit = triton.JITFunction(_dk_kernel, do_not_specialize=["size_bucket"])
-    try:
-        from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
-
+    if _InterpretedFunction is not None:
         _fwd_interp = _InterpretedFunction(_fwd_kernel)
         _dq_interp = _InterpretedFunction(_dq_kernel)
         _dk_interp = _InterpretedFunction(_dk_kernel)
-    except Exception:  # pragma: no cover - interpreter missing in this triton build
+    else:  # pragma: no cover - interpreter missing in this triton build
         _fwd_interp = _dq_interp = _dk_interp = None
 
     # ---------------------------------------------------------------- GPU autotuning (not interpreted)

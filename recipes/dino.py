@@ -15,7 +15,7 @@ import sys
 
 from genssl.data.augment import MultiCropSpec
 from genssl.engine.config import parse_config, to_dict
-from genssl.engine.distributed import cleanup, setup_distributed
+from genssl.engine.distributed import barrier, cleanup, setup_distributed
 from genssl.engine.evaluate import knn_eval, write_json_atomic
 from genssl.engine.export import save_encoder
 from genssl.engine.run_config import TrainConfig
@@ -60,21 +60,14 @@ PRESETS = {
 }
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not any(a.startswith("preset=") for a in argv):
-        argv = ["preset=smoke", *argv]
-    args = parse_config(argv, DINORecipeConfig, PRESETS)
-    cfg: DINORecipeConfig = args.config
-    dist = setup_distributed(args.local_rank)
+def train_dino(cfg: DINORecipeConfig, dist, data, loader, make_objective, deepspeed_config: str | None = None) -> dict | None:
+    """Pretrain with ``make_objective(student)``, export the teacher backbone, run k-NN; every rank calls it.
 
-    data = load_data(cfg.data, cfg.cache_dir, dist)
-    loader = train_loader(data.train, cfg.crops, cfg, dist)
+    Returns the k-NN result (None for unlabelled data). Gen-DINO reuses it with its own loader and objective.
+    """
     student = build_dino_student(cfg.model, cfg.crops.global_size, cfg.patch_size, cfg.dino)
-    dtype = compute_dtype(cfg.precision)
-    objective = DINOObjective(student, cfg.dino, cfg.crops.n_global, cfg.epochs, dtype)
-    fit(cfg, dist, student, objective, loader, cfg.out, args.deepspeed_config,
-        late_params=student.head.last_layer_parameters())
+    objective = make_objective(student)
+    fit(cfg, dist, student, objective, loader, cfg.out, deepspeed_config, late_params=student.head.last_layer_parameters())
 
     teacher_backbone = objective.teacher.module.backbone
     result = knn_eval(teacher_backbone, data.train, data.val, cfg.eval, dist, cfg.seed, cfg.num_workers) if cfg.eval.knn else None
@@ -83,7 +76,24 @@ def main(argv: list[str] | None = None) -> dict | None:
         write_json_atomic(f"{cfg.out}/eval.json", result or {"knn": None, "reason": "no labels in the data"})
         print(f"k-NN (k={cfg.eval.knn_k}) on {cfg.data}: " + (
             f"top-1 {result['knn_top1']:.2f} %  top-5 {result['knn_top5']:.2f} %" if result else "skipped (unlabelled data)"))
-        print(f"wrote {cfg.out}/encoder.safetensors and {cfg.out}/eval.json")
+        print(f"wrote {cfg.out}/encoder.safetensors and {cfg.out}/eval.json", flush=True)
+    barrier()
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not any(a.startswith("preset=") for a in argv):
+        argv = ["preset=smoke", *argv]
+    args = parse_config(argv, DINORecipeConfig, PRESETS)
+    cfg: DINORecipeConfig = args.config
+    dist = setup_distributed(args.local_rank)
+    data = load_data(cfg.data, cfg.cache_dir, dist)
+    loader = train_loader(data.train, cfg.crops, cfg, dist)
+    dtype = compute_dtype(cfg.precision)
+    result = train_dino(cfg, dist, data, loader,
+                        lambda student: DINOObjective(student, cfg.dino, cfg.crops.n_global, cfg.epochs, dtype),
+                        args.deepspeed_config)
     cleanup()
     return result
 

@@ -13,12 +13,6 @@ from genssl.generators.autoencoder import (LatentCache, autoencoder_hash, autoen
                                            tiny_autoencoder_config, to_uint8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _images(n=6, size=16, seed=0):

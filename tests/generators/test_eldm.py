@@ -9,13 +9,6 @@ from genssl.generators.eldm import (ELDM, ELDMConfig, GuidedStep, guided_eps, lo
                                     tiny_eldm_config)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and the CPU is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _model(seed=0):

@@ -14,12 +14,6 @@ from genssl.generators.samplers import GuidedSampler
 TRT_REASON = tensorrt_unavailable_reason()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

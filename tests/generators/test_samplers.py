@@ -11,12 +11,6 @@ from genssl.generators.eldm import ELDM, tiny_eldm_config
 from genssl.generators.samplers import GuidedSampler, make_scheduler, view_seed
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,224 @@
+"""Generate the synthetic views of a dataset with a trained E-LDM into a view store (METHODS.md §1.4–1.5).
+
+    python recipes/generate_views.py eldm=runs/eldm out=runs/views.zarr            # CPU-sized defaults
+    torchrun --nproc_per_node 8 recipes/generate_views.py preset=imagenet eldm=runs/eldm256 \\
+        data=/data/imagenet out=runs/views256.zarr views_per_image=1 interp_per_image=1 \\
+        sampler=dpmpp_2m steps=20 guidance=2 backend=compile batch_size=64 seed=0 contact_sheet=runs/views.png
+    deepspeed --num_gpus 8 recipes/generate_views.py ...                            # same, DeepSpeed launcher
+
+For source image i of ``data=`` (its train split, in index order): ``views_per_image`` = K views from
+``e_i`` and ``interp_per_image`` = J interpolated views from ``slerp(e_i, e_p; α)`` (partner p and α
+drawn per source), written by :func:`genssl.generators.job.run_generation`. The embeddings are the
+E-LDM's own (``eldm/generator.json`` names the encoder, its file hash and preprocessing; the
+embedding cache of the E-LDM run is reused when the data are the same), the autoencoder is the one
+the E-LDM was trained with (hash checked).
+
+Every rank writes its own shards (shard s belongs to rank s % world_size); a rerun — after a crash or
+``kill -9`` — skips finished sources and completes the store; a finished store makes the rerun a
+no-op. A store made from other data or by another generator is refused (the view store's message).
+``backend=`` ``eager`` | ``compile`` | ``cudagraphs`` | ``tensorrt``: one that cannot run here fails at
+start, naming those that can. ``contact_sheet=PATH.png`` writes a grid of random sources at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from genssl.data.viewstore import ViewStoreError, open_view_store
+from genssl.engine.config import ConfigError, parse_config
+from genssl.engine.distributed import DistInfo, barrier, broadcast_object, cleanup, setup_distributed
+from genssl.engine.setup import load_data
+from genssl.generators.autoencoder import autoencoder_hash, load_pretrained_autoencoder
+from genssl.generators.eldm import load_eldm
+from genssl.generators.job import DEFAULT_ALPHAS, contact_sheet, run_generation
+from genssl.generators.samplers import GuidedSampler
+from genssl.generators.training import EncoderInput, cached_embeddings
+from genssl.recipes.eldm import GENERATOR_FILE, resolve_eldm_dir
+
+
+@dataclasses.dataclass
+class GenerateConfig:
+    eldm: str = ""  # E-LDM run directory (recipes/eldm.py out=), its eldm/ folder or eldm.safetensors (required)
+    data: str = "builtin:shapes"  # the images to make views of (their train split)
+    out: str = "runs/views.zarr"  # the view store
+    views_per_image: int = 1  # K
+    interp_per_image: int = 1  # J
+    sampler: Literal["ddim", "dpmpp_2m"] = "dpmpp_2m"
+    steps: int = 20
+    guidance: float = 2.0
+    backend: Literal["eager", "compile", "cudagraphs", "tensorrt"] = "eager"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # UNet step dtype; auto = bf16 on CUDA, fp32 on CPU
+    batch_size: int = 16  # images per sampler call (per rank)
+    seed: int = 0  # base seed: every view's noise, partner and α derive from (seed, source, view)
+    noise_level: int = 0  # GenView noise level on the condition of the K views (0 = none)
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS  # interpolation weights on the source itself
+    shard_size: int = 64  # sources per shard (the unit one rank owns)
+    contact_sheet: str = ""  # PNG path: a grid of random finished sources at the end
+    contact_n: int = 16
+    encoder: str = ""  # override the encoder path recorded by the E-LDM (its file hash must match)
+    autoencoder: str = ""  # override the autoencoder path recorded by the E-LDM (its hash must match)
+    cache_dir: str = ""  # default $GENSSL_CACHE or ~/.cache/genssl
+    num_workers: int = 2
+    embed_batch_size: int = 64
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.views_per_image < 0 or self.interp_per_image < 0 or self.views_per_image + self.interp_per_image < 1:
+            raise ConfigError("views_per_image and interp_per_image must be >= 0 and not both 0")
+        if self.steps < 1 or self.batch_size < 1 or self.shard_size < 1 or self.contact_n < 1:
+            raise ConfigError("steps, batch_size, shard_size and contact_n must be >= 1")
+        if not all(0.0 < a < 1.0 for a in self.alphas):
+            raise ConfigError(f"alphas must lie in (0, 1), got {self.alphas}")
+        if self.noise_level < 0:
+            raise ConfigError(f"noise_level must be >= 0, got {self.noise_level}")
+
+
+PRESETS = {
+    # CPU-sized: few steps, small calls.
+    "smoke": {"steps": 10, "batch_size": 16, "backend": "eager"},
+    # 256² views on GPUs: DPM-Solver++ 20 steps, bf16, torch.compile'd step (tensorrt: see docs/GENERATORS.md).
+    "imagenet": {"steps": 20, "batch_size": 64, "sampler": "dpmpp_2m", "backend": "compile", "precision": "bf16"},
+}
+
+
+class GenerationError(RuntimeError):
+    """A start-up failure reported as a message (no traceback)."""
+
+
+def _dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if precision == "fp16" and device.type != "cuda":
+        raise GenerationError("precision=fp16 needs a CUDA GPU; use precision=fp32 or bf16")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _load_generator(cfg: GenerateConfig, dist: DistInfo):
+    eldm_dir = resolve_eldm_dir(cfg.eldm)
+    gen_file = eldm_dir / GENERATOR_FILE
+    if not gen_file.is_file():
+        raise GenerationError(f"{eldm_dir} has no {GENERATOR_FILE} (written by recipes/eldm.py: it names the encoder and "
+                              "autoencoder the E-LDM was trained with)")
+    gen = json.loads(gen_file.read_text())
+    eldm = load_eldm(eldm_dir).to(dist.device).eval()
+    ae_path = cfg.autoencoder or gen["autoencoder"]["path"]
+    try:
+        ae = load_pretrained_autoencoder(ae_path).to(dist.device).float().eval()
+    except (FileNotFoundError, ValueError) as e:
+        raise GenerationError(f"the E-LDM's autoencoder could not be loaded: {e}; pass autoencoder=PATH") from None
+    h = autoencoder_hash(ae)
+    if h != gen["autoencoder"]["hash"]:
+        raise GenerationError(f"the autoencoder at {ae_path} has hash {h[:16]}…, but the E-LDM in {eldm_dir} was trained "
+                              f"with {gen['autoencoder']['hash'][:16]}…; pass autoencoder= the one it was trained with")
+    return eldm_dir, gen, eldm, ae
+
+
+def generate(cfg: GenerateConfig, dist: DistInfo) -> dict:
+    """Run this rank's part; returns the summed report (on every rank)."""
+    import numpy as np
+
+    if not cfg.eldm:
+        raise ConfigError("eldm= is required: the out= directory of a recipes/eldm.py run")
+    eldm_dir, gen, eldm, ae = _load_generator(cfg, dist)
+    data = load_data(cfg.data, cfg.cache_dir, dist)
+    index = data.train
+    if dist.is_main and gen.get("data_fingerprint") not in (None, index.fingerprint):
+        print(f"note: the E-LDM was trained on data {gen.get('data')} with fingerprint {str(gen.get('data_fingerprint'))[:16]}…; "
+              f"generating views of {cfg.data} (fingerprint {index.fingerprint[:16]}…)", flush=True)
+    dtype = _dtype(cfg.precision, dist.device)
+    from genssl.data.index import default_cache_dir
+
+    try:  # a backend that cannot run here fails now, with the library's message
+        sampler = GuidedSampler(eldm, ae, scheduler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance,
+                                backend=cfg.backend, device=dist.device, dtype=dtype, max_batch=cfg.batch_size,
+                                cache_dir=default_cache_dir(cfg.cache_dir or None) / "trt")
+    except (RuntimeError, ValueError) as e:
+        raise GenerationError(str(e)) from None
+    generator_hash = sampler.generator_hash()
+
+    store_path = Path(cfg.out)
+    complete = False
+    if dist.is_main and (store_path / "zarr.json").is_file():
+        try:
+            store = open_view_store(store_path, "r", expect_fingerprint=index.fingerprint,
+                                    expect_generator_hash=generator_hash)
+            complete = not store.missing()
+        except ViewStoreError as e:
+            complete = e
+    complete = broadcast_object(complete)
+    if isinstance(complete, Exception):
+        raise GenerationError(str(complete))
+
+    if complete:  # only validate (layout, sampler settings) and skip every source
+        embeddings = lambda idx: (_ for _ in ()).throw(AssertionError("complete store: nothing to generate"))  # noqa: E731
+        enc = gen["encoder"]
+    else:
+        spec = EncoderInput.from_dict(gen["encoder"]["input"])
+        embeddings, enc = cached_embeddings(cfg.encoder or gen["encoder"]["path"], index, dist, batch_size=cfg.embed_batch_size,
+                                            num_threads=cfg.num_workers, cache_dir=cfg.cache_dir,
+                                            log=print if dist.is_main else None, input_spec=spec)
+        if enc["sha256"] != gen["encoder"]["sha256"]:
+            raise GenerationError(f"the encoder at {enc['path']} (sha256 {enc['sha256'][:16]}…) is not the one the E-LDM "
+                                  f"was trained with ({gen['encoder']['sha256'][:16]}…); pass encoder= that file")
+    try:
+        report = run_generation(
+            store_path, len(index), embeddings, sampler, fingerprint=index.fingerprint, rank=dist.rank,
+            world_size=dist.world_size, K=cfg.views_per_image, J=cfg.interp_per_image, base_seed=cfg.seed,
+            noise_levels=cfg.noise_level or None, batch_size=cfg.batch_size, alphas=cfg.alphas,
+            generator_hash=generator_hash, shard_size=cfg.shard_size, progress=cfg.progress and dist.is_main,
+            extra_attrs={"eldm": str(eldm_dir.resolve()), "eldm_hash": gen.get("eldm_hash"), "data": cfg.data,
+                         "encoder": {"path": enc["path"], "sha256": enc["sha256"], "input": enc["input"]}})
+    except ViewStoreError as e:
+        raise GenerationError(str(e)) from None
+
+    import torch.distributed as tdist
+
+    reports = [report]
+    if tdist.is_initialized() and dist.world_size > 1:
+        reports = [None] * dist.world_size
+        tdist.all_gather_object(reports, report)
+    total = {"views": sum(r["views"] for r in reports), "written": sum(len(r["written"]) for r in reports),
+             "skipped": sum(r["skipped"] for r in reports), "seconds": max(r["seconds"] for r in reports),
+             "world_size": dist.world_size, "n_sources": len(index)}
+    total["views_per_s"] = total["views"] / total["seconds"] if total["seconds"] > 0 else 0.0
+    if dist.is_main:
+        store = open_view_store(store_path, "r")
+        missing = len(store.missing())
+        total["missing"] = missing
+        if total["written"] == 0 and missing == 0:
+            print(f"{store_path}: complete ({len(index)} sources), nothing to do", flush=True)
+        else:
+            print(f"{store_path}: wrote {total['written']} source(s) / {total['views']} view(s) in "
+                  f"{total['seconds']:.1f} s ({total['views_per_s']:.2f} views/s over {dist.world_size} rank(s)); "
+                  f"{len(index) - missing}/{len(index)} sources done", flush=True)
+        if cfg.contact_sheet:
+            path = contact_sheet(store_path, cfg.contact_sheet, n=cfg.contact_n, seed=cfg.seed)
+            print(f"contact sheet: {path}", flush=True)
+    barrier()
+    return total
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a.startswith("preset=") for a in argv):
+        argv = ["preset=smoke", *argv]
+    args = parse_config(argv, GenerateConfig, PRESETS)
+    dist = setup_distributed(args.local_rank)
+    try:
+        total = generate(args.config, dist)
+    except (GenerationError, ConfigError) as e:
+        if dist.is_main:
+            print(f"generate_views: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    cleanup()
+    return total
+
+
+if __name__ == "__main__":
+    main()
