@@ -15,7 +15,9 @@ What is timed: one call = embeddings ``[B, E]`` → uint8 images ``[B, H, W, 3]`
   The scheduler arithmetic stays in float32, the UNet step runs in ``--dtype``.
 
 Every variant gets its own copy of the UNet in ``--dtype`` on the device (the master E-LDM stays on
-the host), the autoencoder (fp32) is shared. Peak memory (CUDA): ``torch.cuda.max_memory_allocated``
+the host); the autoencoder is shared, in ``--ae-dtype`` (default: ``--dtype`` on CUDA, as diffusers
+pipelines run their VAE, fp32 on the CPU). ``decode_only`` times the autoencoder decode of one batch
+alone, so the share of the UNet loop in a call can be read off. Peak memory (CUDA): ``torch.cuda.max_memory_allocated``
 during the timed calls minus what was allocated before the variant was built (so: its UNet copy,
 activations and scratch); TensorRT's own allocations are outside torch's allocator and show only in
 ``device_used_gb`` (``total − free`` after the calls, all processes). On the CPU no memory is reported.
@@ -100,7 +102,7 @@ def _versions() -> dict:
 
 
 def build_models(args, device: torch.device):
-    """(E-LDM on the host in fp32, autoencoder on ``device`` in fp32)."""
+    """(E-LDM on the host in fp32, autoencoder on ``device`` in ``--ae-dtype``)."""
     if args.eldm:
         from genssl.recipes.eldm import GENERATOR_FILE, resolve_eldm_dir
 
@@ -124,7 +126,7 @@ def build_models(args, device: torch.device):
                                                      sample_size=args.image_size))  # SD-VAE-sized, f = 8
         if args.autoencoder:
             ae = load_pretrained_autoencoder(args.autoencoder)
-    return eldm.float().eval(), ae.to(device).float().eval()
+    return eldm.float().eval(), ae.to(device=device, dtype=DTYPES[args.ae_dtype]).eval()
 
 
 def embeddings_and_seeds(args, eldm) -> tuple[torch.Tensor, np.ndarray]:
@@ -313,6 +315,10 @@ def run(args) -> dict:
         lambda: DiffusersLoop(eldm, ae, args.scheduler, args.steps, args.guidance, device, dtype),
         lambda loop: loop(eb, sb), device, args.repeats, args.warmup)
     results["diffusers_eager"] = base
+    z = torch.randn(args.batch, eldm.config.latent_channels, eldm.config.sample_size, eldm.config.sample_size,
+                    generator=torch.Generator().manual_seed(1)).to(device)
+    results["decode_only"], _ = time_variant(lambda: None, lambda _: to_uint8(decode(ae, z)).cpu().numpy(), device,
+                                             args.repeats, args.warmup)
     for backend in args.backends:
         key = f"ours_{backend}"
         reason = backend_unavailable_reason(backend, device)
@@ -333,6 +339,9 @@ def run(args) -> dict:
         if r["status"] != "ok":
             continue
         r["views_per_s"] = args.batch / r["median_s"]
+        if key == "decode_only":
+            print(f"  {key:>16}: {r['median_s'] * 1e3:.1f} ms/batch (autoencoder decode alone)", flush=True)
+            continue
         r["speedup_vs_diffusers"] = base["median_s"] / r["median_s"]
         if key in images and key != "diffusers_eager":
             r["mean_abs_diff_grey_vs_diffusers"] = float(np.abs(images[key].astype(np.float64) -
@@ -357,7 +366,7 @@ def run(args) -> dict:
                    "eldm_params_m": eldm.num_parameters() / 1e6, "latent_shape": [eldm.config.latent_channels,
                    eldm.config.sample_size, eldm.config.sample_size], "image_size": image_side,
                    "batch": args.batch, "steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance,
-                   "dtype": args.dtype, "repeats": args.repeats, "warmup": args.warmup, "quick": args.quick,
+                   "dtype": args.dtype, "ae_dtype": args.ae_dtype, "repeats": args.repeats, "warmup": args.warmup, "quick": args.quick,
                    "embeddings": args.embeddings or "random unit vectors"},
         "results": results,
         "quality": quality,
@@ -376,7 +385,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--scheduler", choices=("ddim", "dpmpp_2m"), default="dpmpp_2m")
     p.add_argument("--guidance", type=float, default=2.0)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="UNet dtype (default bf16; fp32 with --quick)")
+    p.add_argument("--ae-dtype", choices=sorted(DTYPES), default=None,
+                   help="autoencoder dtype (default: --dtype on CUDA, fp32 on the CPU)")
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
@@ -393,6 +404,8 @@ def parse_args(argv=None):
     a.batch = a.batch or (4 if q else 64)
     a.steps = a.steps or (4 if q else 20)
     a.dtype = a.dtype or ("fp32" if q else "bf16")
+    on_cuda = (a.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    a.ae_dtype = a.ae_dtype or (a.dtype if on_cuda else "fp32")
     # compile takes ~30-60 s per model on 2 CPU cores: --quick leaves it out unless asked for
     a.backends = a.backends or (["eager"] if q else list(BACKENDS))
     a.repeats = a.repeats or (2 if q else 5)

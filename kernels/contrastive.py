@@ -98,9 +98,16 @@ if triton is not None:
         def __init__(self, fn):
             super().__init__(fn)
             self._interpreted = None if _InterpretedFunction is None else _InterpretedFunction(fn)
+            self._interp_body = None
 
         def __call__(self, *args, **kwargs):
-            return self._interpreted(*args, **kwargs)
+            # Reached only from an interpreted kernel, which has already set triton.language up for
+            # the interpreter (same module), so run the helper's rewritten body directly: calling the
+            # InterpretedFunction would patch triton.language again on every call (interpreted
+            # kernels ran ~1.6x slower that way).
+            if self._interp_body is None:
+                self._interp_body = self._interpreted.rewrite()
+            return self._interp_body(*args, **kwargs)
 
     # ------------------------------------------------------------------------ device helpers
     @_DeviceFunction

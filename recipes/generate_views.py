@@ -121,8 +121,6 @@ def _load_generator(cfg: GenerateConfig, dist: DistInfo):
 
 def generate(cfg: GenerateConfig, dist: DistInfo) -> dict:
     """Run this rank's part; returns the summed report (on every rank)."""
-    import numpy as np
-
     if not cfg.eldm:
         raise ConfigError("eldm= is required: the out= directory of a recipes/eldm.py run")
     eldm_dir, gen, eldm, ae = _load_generator(cfg, dist)
@@ -155,8 +153,10 @@ def generate(cfg: GenerateConfig, dist: DistInfo) -> dict:
     if isinstance(complete, Exception):
         raise GenerationError(str(complete))
 
-    if complete:  # only validate (layout, sampler settings) and skip every source
-        embeddings = lambda idx: (_ for _ in ()).throw(AssertionError("complete store: nothing to generate"))  # noqa: E731
+    if complete:  # run_generation only validates the store (layout, sampler settings) and skips every source
+        def embeddings(idx):
+            raise AssertionError("the store is complete: no embedding is needed")
+
         enc = gen["encoder"]
     else:
         spec = EncoderInput.from_dict(gen["encoder"]["input"])
