@@ -45,7 +45,7 @@ from genssl.recipes.eldm import GENERATOR_FILE, resolve_eldm_dir
 @dataclasses.dataclass
 class GenerateConfig:
     eldm: str = ""  # E-LDM run directory (recipes/eldm.py out=), its eldm/ folder or eldm.safetensors (required)
-    data: str = "builtin:shapes"  # the images to make views of (their train split)
+    data: str = ""  # the images to make views of (their train split); default: the E-LDM's training data
     out: str = "runs/views.zarr"  # the view store
     views_per_image: int = 1  # K
     interp_per_image: int = 1  # J
@@ -124,11 +124,12 @@ def generate(cfg: GenerateConfig, dist: DistInfo) -> dict:
     if not cfg.eldm:
         raise ConfigError("eldm= is required: the out= directory of a recipes/eldm.py run")
     eldm_dir, gen, eldm, ae = _load_generator(cfg, dist)
-    data = load_data(cfg.data, cfg.cache_dir, dist)
+    data_spec = cfg.data or gen["data"]
+    data = load_data(data_spec, cfg.cache_dir, dist)
     index = data.train
     if dist.is_main and gen.get("data_fingerprint") not in (None, index.fingerprint):
         print(f"note: the E-LDM was trained on data {gen.get('data')} with fingerprint {str(gen.get('data_fingerprint'))[:16]}…; "
-              f"generating views of {cfg.data} (fingerprint {index.fingerprint[:16]}…)", flush=True)
+              f"generating views of {data_spec} (fingerprint {index.fingerprint[:16]}…)", flush=True)
     dtype = _dtype(cfg.precision, dist.device)
     from genssl.data.index import default_cache_dir
 
@@ -172,7 +173,7 @@ def generate(cfg: GenerateConfig, dist: DistInfo) -> dict:
             world_size=dist.world_size, K=cfg.views_per_image, J=cfg.interp_per_image, base_seed=cfg.seed,
             noise_levels=cfg.noise_level or None, batch_size=cfg.batch_size, alphas=cfg.alphas,
             generator_hash=generator_hash, shard_size=cfg.shard_size, progress=cfg.progress and dist.is_main,
-            extra_attrs={"eldm": str(eldm_dir.resolve()), "eldm_hash": gen.get("eldm_hash"), "data": cfg.data,
+            extra_attrs={"eldm": str(eldm_dir.resolve()), "eldm_hash": gen.get("eldm_hash"), "data": data_spec,
                          "encoder": {"path": enc["path"], "sha256": enc["sha256"], "input": enc["input"]}})
     except ViewStoreError as e:
         raise GenerationError(str(e)) from None
