@@ -177,6 +177,9 @@ def fit(cfg: TrainConfig, dist: DistInfo, student: nn.Module, objective: nn.Modu
     student.to(dist.device)
     objective.to(dist.device)
     engine, optimizer, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
+    # DeepSpeed makes every rank's student rank 0's; the objective's own state (the EMA teacher, a
+    # centre) must start equal on every rank too, whatever each rank's RNG did.
+    _broadcast_state(objective, dist)
 
     steps_per_epoch = len(loader)
     if steps_per_epoch < 1:
@@ -269,6 +272,14 @@ def fit(cfg: TrainConfig, dist: DistInfo, student: nn.Module, objective: nn.Modu
     steady = sorted(rates[1:] or rates)
     images_per_s = steady[len(steady) // 2] if steady else float("nan")
     return engine, TrainResult(global_step, last_loss, images_per_s, skipped)
+
+
+def _broadcast_state(module: nn.Module, dist: DistInfo) -> None:
+    import torch.distributed as tdist
+
+    if dist.world_size > 1:
+        for tensor in module.state_dict().values():
+            tdist.broadcast(tensor, src=0)
 
 
 def _mean_over_ranks(value: torch.Tensor, dist: DistInfo) -> float:

@@ -213,19 +213,46 @@ class ELDMObjective(nn.Module):
         return loss, {}
 
 
-@torch.no_grad()
-def full_fp32_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The fp32 weights of a module wrapped by DeepSpeed, on every rank (collective under ZeRO-3).
+def _unfused_masters(optimizer) -> dict[int, torch.Tensor]:
+    """fp32 master copies kept by DeepSpeed's fp16/bf16 optimizers without ZeRO (``FP16_UnfusedOptimizer``:
+    ``fp16_groups``/``fp32_groups``; ``FP16_Optimizer``: ``fp16_groups``/``fp32_groups_flat``), by id of the
+    low-precision parameter."""
+    masters: dict[int, torch.Tensor] = {}
+    low = getattr(optimizer, "fp16_groups", None)
+    if not low:
+        return masters
+    high = getattr(optimizer, "fp32_groups", None)
+    if high and len(high) == len(low) and all(isinstance(h, (list, tuple)) for h in high):
+        for lg, hg in zip(low, high):
+            masters.update({id(lp): hp for lp, hp in zip(lg, hg)})
+        return masters
+    flat = getattr(optimizer, "fp32_groups_flat", None)
+    if flat and len(flat) == len(low):
+        from torch._utils import _unflatten_dense_tensors
 
-    Uses the optimizer's fp32 master copy where there is one (bf16/fp16, ZeRO 1–3), else the
-    parameter itself. Every rank must call it.
+        for lg, f in zip(low, flat):
+            masters.update({id(lp): hp for lp, hp in zip(lg, _unflatten_dense_tensors(f, lg))})
+    return masters
+
+
+@torch.no_grad()
+def full_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The fp32 weights of the module a DeepSpeed ``engine`` trains, on every rank (collective under ZeRO-3).
+
+    Takes the optimizer's fp32 master copy wherever there is one — ZeRO 1–3 and the BF16 optimizer
+    (``safe_get_full_fp32_param``), DeepSpeed's fp16/bf16 optimizers without ZeRO (their fp32 groups) —
+    and the parameter itself otherwise (fp32 training). Every rank must call it.
     """
     from deepspeed.utils import safe_get_full_fp32_param
 
+    module = engine.module
+    masters = _unfused_masters(getattr(engine, "optimizer", None))
     state = {}
     for name, p in module.named_parameters():
         full = safe_get_full_fp32_param(p)
-        state[name] = (full if full is not None else p.detach()).float().cpu().clone()
+        if full is None:
+            full = masters.get(id(p), p.detach())
+        state[name] = full.float().cpu().clone()
     for name, b in module.named_buffers():
         state[name] = b.detach().cpu().clone()
     return state

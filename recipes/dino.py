@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+import torch
+
 from genssl.data.augment import MultiCropSpec
 from genssl.engine.config import parse_config, to_dict
 from genssl.engine.distributed import barrier, cleanup, setup_distributed
@@ -65,6 +67,7 @@ def train_dino(cfg: DINORecipeConfig, dist, data, loader, make_objective, deepsp
 
     Returns the k-NN result (None for unlabelled data). Gen-DINO reuses it with its own loader and objective.
     """
+    torch.manual_seed(cfg.seed)
     student = build_dino_student(cfg.model, cfg.crops.global_size, cfg.patch_size, cfg.dino)
     objective = make_objective(student)
     fit(cfg, dist, student, objective, loader, cfg.out, deepspeed_config, late_params=student.head.last_layer_parameters())

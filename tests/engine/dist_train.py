@@ -51,7 +51,9 @@ def main(argv=None):
     args = parse_config(defaults + list(sys.argv[1:] if argv is None else argv), TestRunConfig)
     cfg = args.config
     dist = setup_distributed(args.local_rank)
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank and in every run
+    # A different RNG per rank on purpose: the engine must make every rank's student and EMA teacher
+    # rank 0's (tests compare against a single process seeded like rank 0).
+    torch.manual_seed(cfg.seed + dist.rank)
     student = build_dino_student(cfg.model, 8, cfg.patch_size, cfg.dino)
     objective = NaNInjectingObjective(student, cfg.dino, 2, cfg.epochs, compute_dtype(cfg.precision),
                                       nan_at_step=cfg.nan_at_step, step_sleep=cfg.step_sleep)
@@ -59,9 +61,8 @@ def main(argv=None):
                                       global_size=8, local_size=4, n_local=2)
     _, result = fit(cfg, dist, student, objective, loader, cfg.out, args.deepspeed_config,
                     late_params=student.head.last_layer_parameters())
-    if dist.is_main:
-        torch.save({"teacher": objective.teacher.state_dict(), "center": objective.loss.center,
-                    "skipped": result.skipped_steps}, f"{cfg.out}/teacher.pt")
+    state = {"teacher": objective.teacher.state_dict(), "center": objective.loss.center, "skipped": result.skipped_steps}
+    torch.save(state, f"{cfg.out}/teacher.pt" if dist.is_main else f"{cfg.out}/teacher_rank{dist.rank}.pt")
     cleanup()
 
 

@@ -75,6 +75,8 @@ def reference(tmp_path_factory) -> Path:
 def test_two_ranks_zero_stage_matches_single_process(reference: Path, tmp_path: Path, stage: int) -> None:
     _run(_torchrun(2, f"out={tmp_path}", "batch_size=2", f"zero_stage={stage}"))
     _assert_same_teacher(_teacher(reference), _teacher(tmp_path))
+    # Every rank holds the same teacher (ranks start from different RNG states in dist_train.py).
+    _assert_same_teacher(_teacher(reference), torch.load(tmp_path / "teacher_rank1.pt", weights_only=False))
     ref, got = _losses(reference), _losses(tmp_path)
     assert ref.keys() == got.keys() and len(ref) == 24
     for step in ref:
