@@ -25,7 +25,7 @@ def test_defaults_presets_and_overrides_in_order() -> None:
     cfg = parse().config
     assert cfg.model == "vit_small" and cfg.crops.global_size == 224 and cfg.dino.out_dim == 65536
     cfg = parse("preset=smoke", "epochs=3", "optim.lr=2e-3", "crops.global_scale=0.3,1.0", "precision=bf16").config
-    assert cfg.model == "vit_tiny" and cfg.epochs == 3 and cfg.optim.lr == 2e-3
+    assert cfg.model == "resnet18" and cfg.epochs == 3 and cfg.optim.lr == 2e-3
     assert cfg.crops.global_scale == (0.3, 1.0) and cfg.precision == "bf16"
     # A key given before the preset still wins: presets are applied first.
     assert parse("epochs=7", "preset=imagenet").config.epochs == 7
