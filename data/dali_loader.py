@@ -43,7 +43,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from genssl.data.augment import (P_BRIGHT, P_CONTRAST, P_FLIP, P_HUE, P_SAT, P_SIGMA, P_SOLAR, P_X0,
                                  P_X1, P_Y0, P_Y1, MultiCropSpec, sample_multicrop_params)
 from genssl.data.index import DatasetIndex
-from genssl.data.sampler import rank_batches
+from genssl.data.sampler import EpochLoader, rank_batches
 
 NO_BLUR_SIGMA = 1e-3  # a 3-tap kernel whose side weights underflow to 0: exactly the identity
 
@@ -224,7 +224,7 @@ class _Driver:
 # loaders
 
 
-class DaliMultiCropLoader:
+class DaliMultiCropLoader(EpochLoader):
     """DINO multi-crop batches for one rank: yields ``(crops, indices)``, ``crops`` a list of
     ``spec.n_crops`` float32 ``[B, 3, h, w]`` tensors (global first; on ``cuda:device_id`` or CPU),
     ``indices`` int64 ``[B]`` (CPU) positions in ``index``. ``len()`` = steps per epoch."""
@@ -238,30 +238,16 @@ class DaliMultiCropLoader:
         if len(index) < batch_size * world_size:
             raise ValueError(f"{len(index)} samples are fewer than one global batch (batch_size={batch_size} x "
                              f"world_size={world_size}): an epoch would have no step; lower the batch size")
-        self.index, self.spec, self.batch_size = index, spec, batch_size
+        self.index, self.spec, self.batch_size, self.n_samples = index, spec, batch_size, len(index)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.device_id, self.num_threads, self.prefetch = device_id, num_threads, prefetch
         self.epoch = 0
         self._pool = ThreadPoolExecutor(max(2, num_threads), thread_name_prefix="genssl-read")
         self._driver = _Driver(self._build, device_id)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.index) // (self.batch_size * self.world_size)
-
-    def batches(self) -> np.ndarray:
-        """This epoch's ``[steps, B]`` sample indices for this rank (what the loader will yield)."""
-        return epoch_batches(len(self.index), self.batch_size, self.rank, self.world_size, self.seed, self.epoch)
-
-    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-        return self.iter_from(0)
-
     def iter_from(self, step: int) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         """Batches ``step..len()-1`` of the current epoch; earlier ones are never read or decoded."""
-        if not 0 <= step <= len(self):
-            raise ValueError(f"step must be in [0, {len(self)}] (steps per epoch), got {step}")
+        self.check_step(step)
         return self._iter(step)
 
     def _iter(self, step: int) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:

@@ -69,7 +69,8 @@ import nvidia.dali.types as types
 from nvidia.dali.pipeline import Pipeline, do_not_convert, pipeline_def
 
 from genssl.data.augment import MultiCropSpec, sample_multicrop_params
-from genssl.data.dali_loader import _check_rank, _decode, _Driver, _to_torch, epoch_batches, multicrop_graph, read_ahead
+from genssl.data.dali_loader import _check_rank, _decode, _Driver, _to_torch, multicrop_graph, read_ahead
+from genssl.data.sampler import EpochLoader
 from genssl.data.index import DatasetIndex
 from genssl.data.viewstore import ViewStoreError, ViewStoreReader
 
@@ -309,7 +310,7 @@ def _outputs(use_gen: bool, interpolation: bool) -> tuple[list, list, list, list
 # loader
 
 
-class GenSISLoader:
+class GenSISLoader(EpochLoader):
     """Gen-DINO batches for one rank (module docstring): yields `GenSISBatch`; ``len()`` = steps per
     epoch; ``set_epoch``, ``iter_from(step)``, ``batches()`` as `DaliMultiCropLoader`.
 
@@ -341,7 +342,7 @@ class GenSISLoader:
         if len(index) < batch_size * world_size:
             raise ValueError(f"{len(index)} samples are fewer than one global batch (batch_size={batch_size} x "
                              f"world_size={world_size}): an epoch would have no step; lower the batch size")
-        self.index, self.spec, self.batch_size = index, spec, batch_size
+        self.index, self.spec, self.batch_size, self.n_samples = index, spec, batch_size, len(index)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.p_gen, self.interpolation = float(p_gen), bool(interpolation)
         self.device_id, self.num_threads, self.prefetch, self.py_workers = device_id, num_threads, prefetch, py_workers
@@ -359,28 +360,14 @@ class GenSISLoader:
 
     # -- protocol ----------------------------------------------------------------------------
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.index) // (self.batch_size * self.world_size)
-
-    def batches(self) -> np.ndarray:
-        """This epoch's ``[steps, B]`` sample indices for this rank (what the loader will yield)."""
-        return epoch_batches(len(self.index), self.batch_size, self.rank, self.world_size, self.seed, self.epoch)
-
     def view_choice(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(k [N], j [N])``: which synthetic / interpolated view each source uses in ``epoch``
         (default: the current one); a function of (seed, epoch, source index) only."""
         return self._feed.view_choice(self.epoch if epoch is None else int(epoch))
 
-    def __iter__(self) -> Iterator[GenSISBatch]:
-        return self.iter_from(0)
-
     def iter_from(self, step: int) -> Iterator[GenSISBatch]:
         """Batches ``step..len()-1`` of the current epoch; earlier ones are never read or decoded."""
-        if not 0 <= step <= len(self):
-            raise ValueError(f"step must be in [0, {len(self)}] (steps per epoch), got {step}")
+        self.check_step(step)
         return self._iter(step)
 
     # -- internals ---------------------------------------------------------------------------

@@ -22,3 +22,37 @@ def rank_batches(n: int, batch_size: int, rank: int, world_size: int, seed: int,
     order = epoch_permutation(n, seed, epoch)[: steps * batch_size * world_size]
     # Global batch k = order[k*B*W:(k+1)*B*W]; this rank's share is every W-th element of it.
     return [order[k * batch_size * world_size:(k + 1) * batch_size * world_size][rank::world_size] for k in range(steps)]
+
+
+class EpochLoader:
+    """The loader protocol's bookkeeping, shared by every loader: the epoch, steps per epoch, and
+    this rank's batches. Subclasses set ``n_samples``, ``batch_size``, ``rank``, ``world_size``,
+    ``seed`` and ``epoch`` and implement ``iter_from(step)`` (batches ``step..len()-1`` of the epoch)."""
+
+    n_samples: int
+    batch_size: int
+    rank: int
+    world_size: int
+    seed: int
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n_samples // (self.batch_size * self.world_size)
+
+    def batches(self) -> np.ndarray:
+        """This epoch's ``[steps, B]`` int64 sample indices for this rank (what the loader yields)."""
+        batches = rank_batches(self.n_samples, self.batch_size, self.rank, self.world_size, self.seed, self.epoch)
+        return np.asarray(batches, dtype=np.int64).reshape(len(batches), self.batch_size)
+
+    def check_step(self, step: int) -> None:
+        if not 0 <= step <= len(self):
+            raise ValueError(f"step must be in [0, {len(self)}] (steps per epoch), got {step}")
+
+    def iter_from(self, step: int):
+        raise NotImplementedError
+
+    def __iter__(self):
+        return self.iter_from(0)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from genssl.data.sampler import rank_batches
+from genssl.data.sampler import EpochLoader
 
 
-class SyntheticMultiCropLoader:
+class SyntheticMultiCropLoader(EpochLoader):
     def __init__(self, n_samples: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  global_size: int = 32, local_size: int = 16, n_global: int = 2, n_local: int = 2,
                  device: torch.device | str = "cpu", n_classes: int = 4):
@@ -23,12 +23,6 @@ class SyntheticMultiCropLoader:
         self.n_classes = n_classes
         self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(rank_batches(self.n_samples, self.batch_size, self.rank, self.world_size, self.seed, self.epoch))
-
     def _sample(self, index: int) -> list[torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         # A class-dependent mean makes the data learnable (k-NN on it means something).
@@ -36,10 +30,8 @@ class SyntheticMultiCropLoader:
         return [torch.randn(3, s, s, generator=g) + mean for s in self.sizes]
 
     def iter_from(self, step: int = 0):
-        for batch in rank_batches(self.n_samples, self.batch_size, self.rank, self.world_size, self.seed, self.epoch)[step:]:
+        self.check_step(step)
+        for batch in self.batches()[step:]:
             samples = [self._sample(int(i)) for i in batch]
             crops = [torch.stack([s[c] for s in samples]).to(self.device) for c in range(len(self.sizes))]
-            yield crops, torch.as_tensor(np.asarray(batch), dtype=torch.int64)
-
-    def __iter__(self):
-        return self.iter_from(0)
+            yield crops, torch.from_numpy(batch)

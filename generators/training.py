@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genssl.data.sampler import rank_batches
+from genssl.data.sampler import EpochLoader
 from genssl.generators.autoencoder import LatentCache, autoencoder_hash, autoencoder_loss, encode, from_uint8
 from genssl.generators.eldm import ELDM
 from genssl.models.ema import EMATeacher
@@ -65,7 +65,7 @@ def step_generator(seed: int, step: int, rank: int, stream: int = 0) -> torch.Ge
 # loader
 
 
-class TensorBatchLoader:
+class TensorBatchLoader(EpochLoader):
     """Batches of per-sample arrays for one rank: yields ``{name: Tensor[B, ...], "index": int64[B]}``.
 
     ``tensors`` maps names to arrays whose first axis is the sample (torch tensors, numpy arrays or
@@ -86,19 +86,10 @@ class TensorBatchLoader:
         if batch_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size; got {batch_size}, {rank}, {world_size}")
         self.tensors = dict(tensors)
-        self.n = next(iter(sizes.values()))
+        self.n_samples = next(iter(sizes.values()))
         self.batch_size, self.rank, self.world_size, self.seed = int(batch_size), int(rank), int(world_size), int(seed)
         self.device = torch.device(device) if device is not None else None
         self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.n // (self.batch_size * self.world_size)
-
-    def batches(self) -> list[np.ndarray]:
-        return rank_batches(self.n, self.batch_size, self.rank, self.world_size, self.seed, self.epoch)
 
     def _take(self, array, idx: np.ndarray) -> torch.Tensor:
         if isinstance(array, torch.Tensor):
@@ -110,16 +101,11 @@ class TensorBatchLoader:
         return out.to(self.device) if self.device is not None else out
 
     def iter_from(self, step: int):
-        if not 0 <= step <= len(self):
-            raise ValueError(f"step must be in [0, {len(self)}] (steps per epoch), got {step}")
+        self.check_step(step)
         for idx in self.batches()[step:]:
-            idx = np.asarray(idx, dtype=np.int64)
             batch = {k: self._take(v, idx) for k, v in self.tensors.items()}
             batch["index"] = torch.from_numpy(idx)
             yield batch
-
-    def __iter__(self):
-        return self.iter_from(0)
 
 
 # ------------------------------------------------------------------------------------------------
