@@ -64,6 +64,25 @@ class EMATeacher(nn.Module):
                 self._lerp(bucket, momentum)
         for (name, tb), (_, sb) in zip(self.module.named_buffers(), student.named_buffers()):
             tb.copy_(sb)
+        self._average_buffers_over_ranks()
+
+    def _average_buffers_over_ranks(self) -> None:
+        """Running statistics (BatchNorm) differ by rank, each seeing its own batches; the teacher
+        takes their mean, so every rank holds the same teacher (one all-reduce of the small buffers)."""
+        import torch.distributed as dist
+
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        buffers = [b for b in self.module.buffers() if b.is_floating_point()]
+        if not buffers:
+            return
+        flat = torch.cat([b.reshape(-1).float() for b in buffers])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for b in buffers:
+            b.copy_(flat[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()
 
     @staticmethod
     def _lerp(bucket, momentum: float) -> None:
