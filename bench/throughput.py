@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-from genssl.data.augment import MultiCropSpec
 from genssl.data.builtin import resolve_data
 from genssl.data.index import build_index
 from genssl.data.synthetic import SyntheticMultiCropLoader

@@ -231,17 +231,11 @@ class DaliMultiCropLoader(EpochLoader):
 
     def __init__(self, index: DatasetIndex, spec: MultiCropSpec, batch_size: int, rank: int, world_size: int,
                  seed: int, device_id: int | None = None, num_threads: int = 2, prefetch: int = 2) -> None:
-        _check_rank(rank, world_size)
-        if batch_size < 1 or seed < 0 or num_threads < 1 or prefetch < 1:
-            raise ValueError(f"need batch_size >= 1, seed >= 0, num_threads >= 1, prefetch >= 1; got "
-                             f"{batch_size}, {seed}, {num_threads}, {prefetch}")
-        if len(index) < batch_size * world_size:
-            raise ValueError(f"{len(index)} samples are fewer than one global batch (batch_size={batch_size} x "
-                             f"world_size={world_size}): an epoch would have no step; lower the batch size")
-        self.index, self.spec, self.batch_size, self.n_samples = index, spec, batch_size, len(index)
-        self.rank, self.world_size, self.seed = rank, world_size, seed
+        if num_threads < 1 or prefetch < 1:
+            raise ValueError(f"need num_threads >= 1 and prefetch >= 1; got {num_threads}, {prefetch}")
+        self.init_epochs(len(index), batch_size, rank, world_size, seed)
+        self.index, self.spec = index, spec
         self.device_id, self.num_threads, self.prefetch = device_id, num_threads, prefetch
-        self.epoch = 0
         self._pool = ThreadPoolExecutor(max(2, num_threads), thread_name_prefix="genssl-read")
         self._driver = _Driver(self._build, device_id)
 

@@ -69,7 +69,7 @@ import nvidia.dali.types as types
 from nvidia.dali.pipeline import Pipeline, do_not_convert, pipeline_def
 
 from genssl.data.augment import MultiCropSpec, sample_multicrop_params
-from genssl.data.dali_loader import _check_rank, _decode, _Driver, _to_torch, multicrop_graph, read_ahead
+from genssl.data.dali_loader import _decode, _Driver, _to_torch, multicrop_graph, read_ahead
 from genssl.data.sampler import EpochLoader
 from genssl.data.index import DatasetIndex
 from genssl.data.viewstore import ViewStoreError, ViewStoreReader
@@ -329,24 +329,18 @@ class GenSISLoader(EpochLoader):
                  rank: int, world_size: int, seed: int, p_gen: float = 0.5, interpolation: bool = True,
                  device_id: int | None = None, num_threads: int = 2, expect_fingerprint: str | None = None,
                  prefetch: int = 2, py_workers: int = 2, read_threads: int = 4) -> None:
-        _check_rank(rank, world_size)
-        if batch_size < 1 or seed < 0 or num_threads < 1 or prefetch < 1 or py_workers < 0 or read_threads < 1:
-            raise ValueError(f"need batch_size >= 1, seed >= 0, num_threads >= 1, prefetch >= 1, py_workers >= 0, "
-                             f"read_threads >= 1; got {batch_size}, {seed}, {num_threads}, {prefetch}, {py_workers}, "
-                             f"{read_threads}")
+        if num_threads < 1 or prefetch < 1 or py_workers < 0 or read_threads < 1:
+            raise ValueError(f"need num_threads >= 1, prefetch >= 1, py_workers >= 0, read_threads >= 1; got "
+                             f"{num_threads}, {prefetch}, {py_workers}, {read_threads}")
         if not 0.0 <= p_gen <= 1.0:
             raise ValueError(f"p_gen is a probability and must be in [0, 1], got {p_gen}")
         if p_gen > 0 and spec.n_global < 2:
             raise ValueError(f"p_gen > 0 replaces global crop slot {GEN_SLOT} by a synthetic view and keeps slot 0 real; "
                              f"that needs n_global >= 2, got {spec.n_global}")
-        if len(index) < batch_size * world_size:
-            raise ValueError(f"{len(index)} samples are fewer than one global batch (batch_size={batch_size} x "
-                             f"world_size={world_size}): an epoch would have no step; lower the batch size")
-        self.index, self.spec, self.batch_size, self.n_samples = index, spec, batch_size, len(index)
-        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.init_epochs(len(index), batch_size, rank, world_size, seed)
+        self.index, self.spec = index, spec
         self.p_gen, self.interpolation = float(p_gen), bool(interpolation)
         self.device_id, self.num_threads, self.prefetch, self.py_workers = device_id, num_threads, prefetch, py_workers
-        self.epoch = 0
         needs_store = self.p_gen > 0 or self.interpolation
         if store_path is None and needs_store:
             raise ValueError("GenSISLoader needs store_path (the generation run's views.zarr) unless p_gen=0 and "

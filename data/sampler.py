@@ -36,6 +36,18 @@ class EpochLoader:
     seed: int
     epoch: int = 0
 
+    def init_epochs(self, n_samples: int, batch_size: int, rank: int, world_size: int, seed: int) -> None:
+        """Check and set the sampling fields; an epoch must have at least one step on every rank."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if batch_size < 1 or seed < 0:
+            raise ValueError(f"need batch_size >= 1 and seed >= 0; got {batch_size}, {seed}")
+        if n_samples < batch_size * world_size:
+            raise ValueError(f"{n_samples} samples are fewer than one global batch (batch_size={batch_size} x "
+                             f"world_size={world_size}): an epoch would have no step; lower the batch size")
+        self.n_samples, self.batch_size, self.rank, self.world_size, self.seed = n_samples, batch_size, rank, world_size, seed
+        self.epoch = 0
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 

@@ -7,7 +7,6 @@ same rank-sharded permutation as the real loaders, so a 2-rank run sees exactly 
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from genssl.data.sampler import EpochLoader
@@ -17,11 +16,10 @@ class SyntheticMultiCropLoader(EpochLoader):
     def __init__(self, n_samples: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  global_size: int = 32, local_size: int = 16, n_global: int = 2, n_local: int = 2,
                  device: torch.device | str = "cpu", n_classes: int = 4):
-        self.n_samples, self.batch_size, self.rank, self.world_size, self.seed = n_samples, batch_size, rank, world_size, seed
+        self.init_epochs(n_samples, batch_size, rank, world_size, seed)
         self.sizes = [global_size] * n_global + [local_size] * n_local
         self.device = torch.device(device)
         self.n_classes = n_classes
-        self.epoch = 0
 
     def _sample(self, index: int) -> list[torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)

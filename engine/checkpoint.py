@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from genssl.engine.atomic import write_text_atomic
 from genssl.engine.distributed import DistInfo, barrier
 
 COMPLETE = "COMPLETE"
@@ -36,15 +37,6 @@ def _fsync_tree(path: Path) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:

@@ -253,10 +253,9 @@ def to_dict(cfg) -> dict:
 
 def write_config(cfg, path: str) -> None:
     """Write the resolved config as YAML, atomically."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
-    os.replace(tmp, path)
+    from genssl.engine.atomic import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def config_hash(cfg, exclude: tuple[str, ...] = ()) -> str:

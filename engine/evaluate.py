@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from pathlib import Path
 
 import numpy as np
 from torch import nn
@@ -58,11 +55,4 @@ def knn_eval(backbone: nn.Module, train: DatasetIndex, val: DatasetIndex | None,
                         num_classes=len(train.classes))
 
 
-def write_json_atomic(path: str | Path, obj: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-__all__ = ["knn_eval", "knn_splits", "subset", "write_json_atomic"]
+__all__ = ["knn_eval", "knn_splits", "subset"]

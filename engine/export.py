@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from genssl.engine.atomic import write_json_atomic
 from genssl.models.backbones import build_backbone
 
 ENCODER_FILE = "encoder.safetensors"
@@ -29,9 +30,7 @@ def save_encoder(backbone: nn.Module, out_dir: str | Path, config: dict, fingerp
     os.replace(tmp, path)
     meta = {"arch": dict(backbone.build_kwargs), "embed_dim": int(backbone.embed_dim), "data_fingerprint": fingerprint,
             "config": config}
-    tmp_json = out_dir / f".encoder.json.tmp{os.getpid()}"
-    tmp_json.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp_json, out_dir / "encoder.json")
+    write_json_atomic(out_dir / "encoder.json", meta)
     return path
 
 

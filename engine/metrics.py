@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from genssl.engine.atomic import write_text_atomic
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -43,9 +44,7 @@ class MetricsLogger:
                         kept.append(line)
                 except json.JSONDecodeError:
                     pass  # a line cut by a kill
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(k + "\n" for k in kept))
-            os.replace(tmp, self.path)
+            write_text_atomic(self.path, "".join(k + "\n" for k in kept))
         self.fh = open(self.path, "a")
         if progress:
             # Redirected output (logs, CI) gets a line every 30 s instead of a redraw per step.

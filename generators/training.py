@@ -83,13 +83,9 @@ class TensorBatchLoader(EpochLoader):
         sizes = {k: len(v) for k, v in tensors.items()}
         if len(set(sizes.values())) != 1:
             raise ValueError(f"TensorBatchLoader: all tensors need the same number of samples, got {sizes}")
-        if batch_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size; got {batch_size}, {rank}, {world_size}")
+        self.init_epochs(next(iter(sizes.values())), int(batch_size), int(rank), int(world_size), int(seed))
         self.tensors = dict(tensors)
-        self.n_samples = next(iter(sizes.values()))
-        self.batch_size, self.rank, self.world_size, self.seed = int(batch_size), int(rank), int(world_size), int(seed)
         self.device = torch.device(device) if device is not None else None
-        self.epoch = 0
 
     def _take(self, array, idx: np.ndarray) -> torch.Tensor:
         if isinstance(array, torch.Tensor):

@@ -18,7 +18,8 @@ import torch
 from genssl.data.augment import MultiCropSpec
 from genssl.engine.config import parse_config, to_dict
 from genssl.engine.distributed import barrier, cleanup, setup_distributed
-from genssl.engine.evaluate import knn_eval, write_json_atomic
+from genssl.engine.atomic import write_json_atomic
+from genssl.engine.evaluate import knn_eval
 from genssl.engine.export import save_encoder
 from genssl.engine.run_config import TrainConfig
 from genssl.engine.setup import load_data, train_loader
@@ -63,6 +64,12 @@ PRESETS = {
 }
 
 
+def dino_objective(cfg: DINORecipeConfig):
+    """``student -> DINOObjective`` for ``cfg`` (what `train_dino` calls ``make_objective``)."""
+    dtype = compute_dtype(cfg.precision)
+    return lambda student: DINOObjective(student, cfg.dino, cfg.crops.n_global, cfg.epochs, dtype)
+
+
 def train_dino(cfg: DINORecipeConfig, dist, data, loader, make_objective, deepspeed_config: str | None = None) -> dict | None:
     """Pretrain with ``make_objective(student)``, export the teacher backbone, run k-NN; every rank calls it.
 
@@ -94,10 +101,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     dist = setup_distributed(args.local_rank)
     data = load_data(cfg.data, cfg.cache_dir, dist)
     loader = train_loader(data.train, cfg.crops, cfg, dist)
-    dtype = compute_dtype(cfg.precision)
-    result = train_dino(cfg, dist, data, loader,
-                        lambda student: DINOObjective(student, cfg.dino, cfg.crops.n_global, cfg.epochs, dtype),
-                        args.deepspeed_config)
+    result = train_dino(cfg, dist, data, loader, dino_objective(cfg), args.deepspeed_config)
     cleanup()
     return result
 

@@ -24,11 +24,10 @@ from typing import Literal
 
 from genssl.engine.config import ConfigError, config_hash, parse_config, to_dict
 from genssl.engine.distributed import DistInfo, barrier, cleanup, setup_distributed
-from genssl.engine.evaluate import write_json_atomic
+from genssl.engine.atomic import write_json_atomic
 from genssl.engine.setup import Data, load_data, train_loader
 from genssl.engine.trainer import compute_dtype
 from genssl.models.gendino import GenDINOConfig, GenDINOObjective
-from genssl.models.objectives import DINOObjective
 from genssl.recipes import dino as dino_recipe
 from genssl.recipes import eldm as eldm_recipe
 from genssl.recipes import generate_views as generation_recipe
@@ -64,11 +63,6 @@ PRESETS = {
     "imagenet": _with(dino_recipe.PRESETS["imagenet"], generator=eldm_recipe.PRESETS["imagenet"],
                       generation=generation_recipe.PRESETS["imagenet"]),
 }
-
-
-def stage_config(cfg, **changes):
-    """A copy of ``cfg`` as its own recipe's config class, with ``changes`` applied."""
-    return dataclasses.replace(cfg, **changes)
 
 
 def dino_config(cfg: GenSISConfig, out: Path) -> dino_recipe.DINORecipeConfig:
@@ -108,9 +102,8 @@ def stage_dino(cfg: GenSISConfig, dist: DistInfo, data: Data, ds_config: str | N
     done = finished(Path(scfg.out), scfg, dist)
     if done:
         return Path(scfg.out), done["result"]
-    dtype = compute_dtype(scfg.precision)
     result = dino_recipe.train_dino(scfg, dist, data, train_loader(data.train, scfg.crops, scfg, dist),
-                                    lambda s: DINOObjective(s, scfg.dino, scfg.crops.n_global, scfg.epochs, dtype), ds_config)
+                                    dino_recipe.dino_objective(scfg), ds_config)
     mark_finished(Path(scfg.out), scfg, result, dist)
     return Path(scfg.out), result
 
@@ -118,7 +111,7 @@ def stage_dino(cfg: GenSISConfig, dist: DistInfo, data: Data, ds_config: str | N
 def stage_eldm(cfg: GenSISConfig, dist: DistInfo, encoder: Path) -> Path:
     if cfg.eldm:
         return Path(cfg.eldm)
-    ecfg = stage_config(cfg.generator, data=cfg.data, out=str(Path(cfg.out) / "eldm"), encoder=str(encoder),
+    ecfg = dataclasses.replace(cfg.generator, data=cfg.data, out=str(Path(cfg.out) / "eldm"), encoder=str(encoder),
                         seed=cfg.seed, cache_dir=cfg.cache_dir, num_workers=cfg.num_workers, log=cfg.log)
     if not finished(Path(ecfg.out), ecfg, dist):
         eldm_recipe.train_eldm(ecfg, dist)
@@ -129,7 +122,7 @@ def stage_eldm(cfg: GenSISConfig, dist: DistInfo, encoder: Path) -> Path:
 def stage_views(cfg: GenSISConfig, dist: DistInfo, eldm: Path) -> Path:
     if cfg.views:
         return Path(cfg.views)
-    gcfg = stage_config(cfg.generation, eldm=str(eldm), data=cfg.data, out=str(Path(cfg.out) / "views.zarr"),
+    gcfg = dataclasses.replace(cfg.generation, eldm=str(eldm), data=cfg.data, out=str(Path(cfg.out) / "views.zarr"),
                         seed=cfg.seed, cache_dir=cfg.cache_dir, num_workers=cfg.num_workers, progress=cfg.log.progress)
     generation_recipe.generate(gcfg, dist)  # skips every finished source; refuses a mismatched store
     return Path(gcfg.out)
@@ -138,7 +131,7 @@ def stage_views(cfg: GenSISConfig, dist: DistInfo, eldm: Path) -> Path:
 def stage_gen_dino(cfg: GenSISConfig, dist: DistInfo, data: Data, views: Path, ds_config: str | None) -> dict | None:
     from genssl.data.gensis_loader import GenSISLoader
 
-    scfg = stage_config(cfg, out=str(Path(cfg.out) / "gen_dino"))
+    scfg = dataclasses.replace(cfg, out=str(Path(cfg.out) / "gen_dino"))
     done = finished(Path(scfg.out), scfg, dist)
     if done:
         return done["result"]

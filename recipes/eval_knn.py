@@ -14,7 +14,8 @@ import sys
 
 from genssl.engine.config import parse_config
 from genssl.engine.distributed import cleanup, setup_distributed
-from genssl.engine.evaluate import knn_eval, write_json_atomic
+from genssl.engine.atomic import write_json_atomic
+from genssl.engine.evaluate import knn_eval
 from genssl.engine.export import load_encoder, resolve_encoder_path
 from genssl.engine.run_config import EvalConfig
 from genssl.engine.setup import load_data
