@@ -111,7 +111,7 @@ def step_flops(student, crops: list[torch.Tensor]) -> float:
 
 
 def train_run(cfg, dist, loader, run_dir: str) -> dict:
-    student = build_dino_student(cfg.model, cfg.crops.global_size, cfg.patch_size, cfg.dino)
+    student = build_dino_student(cfg.model, cfg.crops.global_size, cfg.patch_size, cfg.dino, cfg.stem_stride)
     objective = DINOObjective(student, cfg.dino, cfg.crops.n_global, cfg.epochs, compute_dtype(cfg.precision))
     reset_peak(dist.device)
     _, result = fit(cfg, dist, student, objective, loader, run_dir, late_params=student.head.last_layer_parameters())

@@ -4,7 +4,7 @@ Gen-SIS (Belagali et al., "Gen-SIS: Generative Self-augmentation Improves Self-s
 trains DINO where (1) with probability ``p_gen`` per sample one global crop comes from a synthetic
 view of the same image, and (2) a disentanglement loss asks the student, shown a view interpolated
 between image 1 and a partner image 2 (weight α on image 1), to predict the α-mix of the teacher's
-outputs on the two real images. See METHODS.md §1.4–1.6 and `genssl.models.gendino`.
+outputs on the two real images. See docs/METHODS.md §1.4–1.6 and `genssl.models.gendino`.
 
 Per sample ``i`` of a batch, one DALI pipeline turns
 

@@ -1,5 +1,5 @@
-"""The view store: synthetic views of a generation run in one Zarr v3 group (ARCHITECTURE.md,
-"The view store"). No project imports.
+"""The view store: synthetic views of a generation run in one Zarr v3 group (docs/GENERATORS.md,
+"The view store (`views.zarr`)"). No project imports.
 
 Layout (N sources, K views and J interpolated views per source, H×W RGB)::
 

@@ -1,12 +1,19 @@
 """Typed run configuration: dataclass trees, presets and ``key=value`` overrides.
 
 A recipe declares one dataclass tree (its fields are the keys a user may set) and a table of
-named presets. ``parse_config`` applies, in order: the dataclass defaults, ``preset=NAME``, then
-every ``key=value`` / ``section.key=value`` on the command line. Anything it cannot place or parse
-fails here, before any work starts, with a message that names the key and what is valid.
+named presets. ``parse_config`` applies, lowest precedence first: the dataclass defaults,
+``preset=NAME``, ``config=FILE`` (a resolved config an earlier run wrote), then every ``key=value`` /
+``section.key=value`` on the command line. A recipe's default preset is applied only when neither
+``preset=`` nor ``config=`` is given: a run's ``config.yaml`` is complete, so ``config=`` alone
+reproduces that run exactly. Anything it cannot place or parse fails here, before any work starts,
+with a message that names the key and what is valid.
 
 The front door stays argparse-compatible for launchers: ``--local_rank N`` (deepspeed) is
-tolerated and ``--deepspeed_config FILE`` is honoured.
+tolerated and ``--deepspeed_config FILE`` is honoured for what DeepSpeed alone decides (offload,
+bucket sizes, communication); the keys genssl's config owns are refused in it (``read_deepspeed_json``).
+
+``run_identity`` is the one definition of "the same run": a checkpoint is resumed, and a finished
+pipeline stage is skipped, only when it matches.
 """
 
 from __future__ import annotations
@@ -177,11 +184,26 @@ def validate(cfg) -> None:
         check()
 
 
-def parse_config(argv: list[str] | None, cls, presets: dict[str, dict] | None = None) -> ParsedArgs:
+def presets_in_effect(argv: list[str], default_preset: str | None = None) -> list[str]:
+    """The presets a command line applies: its ``preset=NAME``s in order; else ``default_preset``,
+    unless ``config=FILE`` is given (a resolved config is complete: a preset under it would be
+    invisible at best and, for a hand-written partial file, a silent change of the run)."""
+    given = [a.partition("=")[2].strip() for a in argv if a.partition("=")[0].strip() == "preset"]
+    if given:
+        return given
+    if default_preset is None or any(a.partition("=")[0].strip() == "config" for a in argv):
+        return []
+    return [default_preset]
+
+
+def parse_config(argv: list[str] | None, cls, presets: dict[str, dict] | None = None,
+                 default_preset: str | None = None) -> ParsedArgs:
     """Build the config tree from ``argv`` (default ``sys.argv[1:]``).
 
     Accepted tokens: ``preset=NAME``, ``key=value``, ``section.key=value``, ``config=FILE.yaml``
     (a resolved config written by an earlier run), ``--deepspeed_config FILE``, ``--local_rank N``.
+    Precedence, lowest first: dataclass defaults < preset (``default_preset`` when neither
+    ``preset=`` nor ``config=`` is given) < ``config=FILE`` < command-line keys.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     presets = presets or {}
@@ -217,6 +239,10 @@ def parse_config(argv: list[str] | None, cls, presets: dict[str, dict] | None = 
         i += 1
 
     cfg = cls()
+    for name in presets_in_effect(argv, default_preset):
+        if name not in presets:
+            raise ConfigError(f"preset={name!r} is not valid; choose one of: {', '.join(sorted(presets))}")
+        apply_overrides(cfg, _flatten(presets[name]), source=f"preset {name!r}")
     for key, val in assignments:
         if key == "config":
             if not os.path.isfile(val):
@@ -224,17 +250,51 @@ def parse_config(argv: list[str] | None, cls, presets: dict[str, dict] | None = 
             with open(val) as fh:
                 apply_overrides(cfg, _flatten(yaml.safe_load(fh) or {}), source=val)
     for key, val in assignments:
-        if key == "preset":
-            if val not in presets:
-                raise ConfigError(f"preset={val!r} is not valid; choose one of: {', '.join(sorted(presets))}")
-            apply_overrides(cfg, _flatten(presets[val]), source=f"preset {val!r}")
-    for key, val in assignments:
         if key not in ("preset", "config"):
             set_value(cfg, key, val)
-    if deepspeed_config is not None and not os.path.isfile(deepspeed_config):
-        raise ConfigError(f"--deepspeed_config {deepspeed_config!r}: no such file")
+    if deepspeed_config is not None:
+        read_deepspeed_json(deepspeed_config)  # refuse a bad file now, before any work
     validate(cfg)
     return ParsedArgs(cfg, deepspeed_config, local_rank)
+
+
+# Keys of a DeepSpeed JSON that genssl's own config decides, and the key to use instead. The data
+# loader, the lr scaling (lr x global batch / 256) and the crops' dtype are built from genssl's keys
+# before DeepSpeed starts, and config.yaml records them, so the file must not change them afterwards.
+# Every other DeepSpeed key (offload, bucket sizes, overlap, communication dtype, ...) is allowed.
+DEEPSPEED_OWNED_KEYS = {
+    "train_batch_size": "batch_size= (per rank; the global batch is batch_size x ranks)",
+    "train_micro_batch_size_per_gpu": "batch_size= (per rank)",
+    "gradient_accumulation_steps": "batch_size= (gradient accumulation is not supported: raise batch_size or add ranks)",
+    "gradient_clipping": "optim.clip_grad=",
+    "zero_optimization.stage": "zero_stage=",
+    "bf16.enabled": "precision=",
+    "bfloat16.enabled": "precision=",
+    "fp16.enabled": "precision=",
+    "amp": "precision=",
+    "torch_autocast": "precision=",
+    "optimizer": "optim.* (genssl hands DeepSpeed its own AdamW)",
+    "scheduler": "optim.* (lr and weight decay follow genssl's schedules)",
+}
+
+
+def read_deepspeed_json(path: str) -> dict:
+    """A user's DeepSpeed JSON (``--deepspeed_config``), refused if it sets a key genssl owns."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--deepspeed_config {path!r}: no such file")
+    try:
+        with open(path) as fh:
+            user = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--deepspeed_config {path!r}: not valid JSON ({e})") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"--deepspeed_config {path!r}: expected a JSON object of DeepSpeed settings")
+    given = set(_flatten(user)) | set(user)
+    for key, instead in DEEPSPEED_OWNED_KEYS.items():
+        if key in given or any(k.startswith(key + ".") for k in given):
+            raise ConfigError(f"--deepspeed_config {path!r}: remove {key!r}; genssl sets it from its own config, "
+                              f"use {instead} instead")
+    return user
 
 
 def to_dict(cfg) -> dict:
@@ -258,14 +318,48 @@ def write_config(cfg, path: str) -> None:
     write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def config_hash(cfg, exclude: tuple[str, ...] = ()) -> str:
-    import hashlib
+# Keys that cannot change what a run computes: where it writes, how it reports, how many loader
+# threads it uses, where caches live, how often it checkpoints (resume is exact). They are left out
+# of a run's identity at every depth of the tree (recipes nest other recipes' configs: generator.log,
+# generator.ae.out), so a run folder that was moved or copied (another out=), or rerun with other
+# logging or workers, is still the same run. Everything else is part of it: data, seed, model, epochs,
+# every optim / ema / crops / method key.
+NOT_RESULT_KEYS = ("out", "log", "progress", "num_workers", "cache_dir", "ckpt.every_steps", "ckpt.keep_last",
+                   "ckpt.resume", "report", "report_sources")
+# A checkpoint holds the training alone; evaluation runs after it, so eval.* may change on resume.
+NOT_TRAINING_KEYS = NOT_RESULT_KEYS + ("eval",)
 
-    d = to_dict(cfg)
-    for key in exclude:
-        d.pop(key, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+def run_identity(cfg, training_only: bool = False) -> dict[str, Any]:
+    """What defines a run's results: the config as ``{dotted key: value}`` without ``NOT_RESULT_KEYS``.
+
+    ``training_only=True`` (checkpoint resume) also leaves out ``eval.*``. Two configs describe the
+    same run exactly when their identities are equal; store it as JSON next to the result.
+    """
+    ignored = set(NOT_TRAINING_KEYS if training_only else NOT_RESULT_KEYS)
+
+    def counts(key: str) -> bool:  # no run of its parts is an ignored key ("generator.log.every_steps" has "log")
+        parts = key.split(".")
+        runs = {".".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 1, len(parts) + 1)}
+        return runs.isdisjoint(ignored)
+
+    return {key: value for key, value in _flatten(to_dict(cfg)).items() if counts(key)}
 
 
-__all__ = ["ConfigError", "ParsedArgs", "parse_config", "apply_overrides", "set_value", "validate",
-           "write_config", "config_hash", "to_dict"]
+def run_differences(stored: dict | None, cfg, training_only: bool = False) -> list[str]:
+    """``'key: stored value there, value now'`` for every setting where ``cfg`` is not the run recorded
+    as ``stored`` (a ``run_identity``); empty when it is the same run."""
+    if stored is None:
+        return ["the record holds no settings to compare (written by an older genssl)"]
+    now = run_identity(cfg, training_only)
+
+    def shown(values: dict, key: str) -> str:
+        return repr(values[key]) if key in values else "(no such key)"
+
+    return [f"{key}: {shown(stored, key)} there, {shown(now, key)} now"
+            for key in sorted(set(stored) | set(now)) if key not in stored or key not in now or stored[key] != now[key]]
+
+
+__all__ = ["ConfigError", "ParsedArgs", "parse_config", "presets_in_effect", "apply_overrides", "set_value",
+           "validate", "write_config", "to_dict", "read_deepspeed_json", "DEEPSPEED_OWNED_KEYS", "NOT_RESULT_KEYS",
+           "NOT_TRAINING_KEYS", "run_identity", "run_differences"]

@@ -6,6 +6,7 @@ ranked by summed weight are the predictions (top-1 and top-5 accuracy, in percen
 
 `extract_features` runs a model over an eval loader (one shard per rank), gathers all ranks'
 rows and returns them in dataset-index order, so every rank ends up with the full feature bank.
+`engine/evaluate.py` extracts raw features once and feeds both this k-NN and the linear probe.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from torch import Tensor
 
 @torch.no_grad()
 def extract_features(
-    model: nn.Module, loader: Iterable[tuple[Tensor, Tensor, Tensor]], device: torch.device | str
+    model: nn.Module, loader: Iterable[tuple[Tensor, Tensor, Tensor]], device: torch.device | str,
+    normalize: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Features of every sample, L2-normalised float32 [N, D], and labels int64 [N].
+    """Features of every sample, float32 [N, D] (L2-normalised unless ``normalize=False``), and labels int64 [N].
 
     `loader` yields `(images [B,3,H,W], labels [B], indices [B])` for this rank's shard; `model`
     maps images to [B, D]. Rows come back sorted by dataset index, one per distinct index
@@ -42,7 +44,7 @@ def extract_features(
             out = model(images.to(device, non_blocking=True))
             if out.dim() != 2 or out.shape[0] != len(images):
                 raise ValueError(f"model must return [B, D] features, got {tuple(out.shape)}")
-            feats.append(F.normalize(out.float(), dim=1))
+            feats.append(F.normalize(out.float(), dim=1) if normalize else out.float())
             labels.append(torch.as_tensor(y).reshape(-1).to(device=device, dtype=torch.int64))
             indices.append(torch.as_tensor(idx).reshape(-1).to(device=device, dtype=torch.int64))
     finally:

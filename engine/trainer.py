@@ -3,13 +3,21 @@
 Method-agnostic: a recipe hands over the student (what DeepSpeed optimises) and an *objective*
 (everything else: teacher, loss, its own state). Per step the trainer sets lr / weight decay from
 their schedules, asks the objective for the loss, agrees with every rank that loss and gradients
-are finite, steps, updates the EMA teacher, logs, and checkpoints.
+are finite, steps, and — only when the step is kept — updates the EMA teacher and lets the
+objective commit its running state (DINO's centre); then it logs and checkpoints.
+
+Who owns overflow: in fp32/bf16 the trainer (a non-finite loss or gradient on any rank skips the
+step on every rank). In fp16 DeepSpeed's dynamic loss scaler: gradients are loss-scaled, an
+overflow must reach the scaler so it halves the scale and skips the step itself; the trainer then
+only reads ``engine.was_step_applied()``.
+
+On more than one rank every BatchNorm of the student and of the objective (the teacher's) is
+converted to a synchronised BatchNorm, as DINO does (genssl.models.sync_batchnorm).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Iterable, Protocol
@@ -18,12 +26,13 @@ import torch
 from torch import nn
 
 from genssl.engine.checkpoint import CheckpointManager, rng_state, set_rng_state
-from genssl.engine.config import ConfigError, config_hash, write_config
+from genssl.engine.config import ConfigError, read_deepspeed_json, run_differences, run_identity, write_config
 from genssl.engine.distributed import DistInfo, any_rank
 from genssl.engine.metrics import MetricsLogger, peak_memory_gb
 from genssl.engine.run_config import TrainConfig
 from genssl.models.schedules import cosine_schedule
 from genssl.models.ema import EMATeacher
+from genssl.models.sync_batchnorm import convert_sync_batchnorm, has_batchnorm
 
 
 @dataclasses.dataclass
@@ -47,6 +56,10 @@ class Objective(Protocol):
 
     def load_state_dict(self, state: dict): ...
 
+    # Optional: ``step_kept()`` applies the running-state updates of the last ``training_loss``
+    # (e.g. DINO's centre). The trainer calls it only for steps every rank keeps, so a skipped
+    # step leaves no trace in the objective's state.
+
 
 class Loader(Protocol):
     def set_epoch(self, epoch: int) -> None: ...
@@ -69,7 +82,12 @@ def compute_dtype(precision: str) -> torch.dtype:
 
 
 def deepspeed_config(cfg: TrainConfig, dist: DistInfo, user_config: str | None = None) -> dict:
-    """Our settings, with a user's DeepSpeed JSON (``--deepspeed_config``) layered on top."""
+    """Our settings, with a user's DeepSpeed JSON (``--deepspeed_config``) layered on top.
+
+    The file tunes what DeepSpeed alone decides (offload, bucket sizes, overlap, ...); the keys the
+    run's config owns (batch size, precision, ZeRO stage, clipping, optimizer, schedules) are refused
+    by ``read_deepspeed_json``, so ``cfg`` is never changed here.
+    """
     if cfg.precision == "fp16" and dist.device.type != "cuda":
         raise ConfigError("precision=fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16 path); use precision=bf16 or fp32")
     config = {
@@ -84,27 +102,11 @@ def deepspeed_config(cfg: TrainConfig, dist: DistInfo, user_config: str | None =
         "wall_clock_breakdown": False,
     }
     if user_config:
-        with open(user_config) as fh:
-            user = json.load(fh)
-        if "scheduler" in user:
-            raise ConfigError(f"{user_config}: remove the 'scheduler' block; lr and weight decay follow optim.* schedules")
-        for key, value in user.items():
+        for key, value in read_deepspeed_json(user_config).items():
             if isinstance(value, dict) and isinstance(config.get(key), dict):
                 config[key] = {**config[key], **value}
             else:
                 config[key] = value
-        gas = config.get("gradient_accumulation_steps", 1)
-        if gas != 1:
-            raise ConfigError(f"{user_config}: gradient_accumulation_steps={gas} is not supported; raise batch_size or add ranks")
-        if "train_batch_size" in user:
-            config.pop("train_batch_size")
-        config["train_micro_batch_size_per_gpu"] = user.get("train_micro_batch_size_per_gpu", cfg.batch_size)
-        cfg.batch_size = config["train_micro_batch_size_per_gpu"]
-        cfg.zero_stage = config["zero_optimization"].get("stage", cfg.zero_stage)
-        if config["bf16"].get("enabled"):
-            cfg.precision = "bf16"
-        elif config["fp16"].get("enabled"):
-            cfg.precision = "fp16"
     return config
 
 
@@ -169,9 +171,10 @@ def fit(cfg: TrainConfig, dist: DistInfo, student: nn.Module, objective: nn.Modu
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ds_config = deepspeed_config(cfg, dist, deepspeed_config_file)  # may adopt batch/stage/precision from the file
-    if dist.is_main:
-        write_config(cfg, run_dir / "config.yaml")
+    ds_config = deepspeed_config(cfg, dist, deepspeed_config_file)
+    if dist.world_size > 1 and has_batchnorm(student):
+        student = convert_sync_batchnorm(student, dist.device)  # keeps parameter objects: late_params stay valid
+        objective = convert_sync_batchnorm(objective, dist.device)
     groups = param_groups(student, {id(p) for p in late_params})
     optimizer = torch.optim.AdamW(groups, lr=0.0, betas=cfg.optim.betas, fused=dist.device.type == "cuda")
     student.to(dist.device)
@@ -194,25 +197,33 @@ def fit(cfg: TrainConfig, dist: DistInfo, student: nn.Module, objective: nn.Modu
     late_until = cfg.optim.freeze_last_layer_epochs * steps_per_epoch
 
     ckpt = CheckpointManager(run_dir, cfg.ckpt.keep_last, dist)
-    run_hash = config_hash(cfg, exclude=("epochs", "ckpt", "log", "eval", "out", "num_workers"))
+    identity = run_identity(cfg, training_only=True)  # what a checkpoint must match to be resumed
     start_step = 0
     tag = ckpt.latest() if cfg.ckpt.resume else None
     if tag is not None:
         client_state, rank_state = ckpt.load(engine, tag)
-        if client_state.get("config_hash") != run_hash:
-            raise ValueError(f"{run_dir} holds a checkpoint of a different configuration; resume with the same settings, "
-                             "or choose a new out= (or ckpt.resume=false to start over)")
+        differences = run_differences(client_state.get("run_identity"), cfg, training_only=True)
+        if differences:
+            length = ("The lr, weight-decay and EMA-momentum schedules span all epochs of a run, so its number of "
+                      "epochs cannot change once it has started. " if any(d.startswith("epochs:") for d in differences) else "")
+            raise ConfigError(f"{run_dir} holds a checkpoint (step {client_state.get('global_step')}) of a run with other "
+                              f"settings: {'; '.join(differences)}. {length}To resume it, rerun with the settings it was started "
+                              f"with (recorded in {run_dir / 'config.yaml'}); to start a new run, choose a new out= "
+                              "(or ckpt.resume=false to train from scratch here)")
         objective.load_state_dict(client_state["objective"])
         set_rng_state(rank_state["rng"])
         start_step = client_state["global_step"]
         if dist.is_main:
             print(f"resumed from {ckpt.dir / tag} at step {start_step}/{total_steps}", flush=True)
+    if dist.is_main:  # after the resume check: a refused start leaves the run's own config.yaml
+        write_config(cfg, run_dir / "config.yaml")
 
     logger = MetricsLogger(run_dir, dist.is_main, total_steps, resume_step=start_step, progress=cfg.log.progress)
-    watch = _GradientWatch(engine.module)
+    loss_scaled = cfg.precision == "fp16"  # DeepSpeed's loss scaler owns overflow (module docstring)
+    watch = None if loss_scaled else _GradientWatch(engine.module)
 
     def save(step: int) -> None:
-        client_state = {"global_step": step, "objective": objective.state_dict(), "config_hash": run_hash}
+        client_state = {"global_step": step, "objective": objective.state_dict(), "run_identity": identity}
         ckpt.save(engine, step, client_state, {"rng": rng_state()})
 
     global_step, skipped, consecutive_skips = start_step, 0, 0
@@ -229,7 +240,7 @@ def fit(cfg: TrainConfig, dist: DistInfo, student: nn.Module, objective: nn.Modu
                 group["weight_decay"] = float(wd_sched[global_step]) if group["decay"] else 0.0
 
             loss, terms = objective.training_loss(engine, batch, progress)
-            if any_rank(~torch.isfinite(loss.detach()), dist.device):
+            if not loss_scaled and any_rank(~torch.isfinite(loss.detach()), dist.device):
                 # No backward: nothing reached the optimizer, so skipping is exact.
                 skipped, consecutive_skips = _on_nonfinite(cfg, dist, "loss", global_step, skipped, consecutive_skips)
                 engine.module.zero_grad(set_to_none=True)
@@ -237,16 +248,22 @@ def fit(cfg: TrainConfig, dist: DistInfo, student: nn.Module, objective: nn.Modu
                 logger.advance()
                 continue
             engine.backward(loss)
-            if any_rank(watch.bad(), dist.device):
+            gradients_bad = watch is not None and bool(any_rank(watch.bad(), dist.device))
+            if gradients_bad:
                 skipped, consecutive_skips = _on_nonfinite(cfg, dist, "gradient", global_step, skipped, consecutive_skips)
                 _zero_gradients(engine)  # the step then changes no weight (lr 0); Adam moments decay once
                 for group in optimizer.param_groups:
                     group["lr"] = 0.0
-            else:
-                consecutive_skips = 0
             engine.step()
-            if getattr(objective, "teacher", None) is not None:
-                objective.teacher.update(engine.module, float(momentum_sched[global_step]))
+            kept = not gradients_bad and engine.was_step_applied()  # False on an fp16 overflow: the scaler skipped it
+            if kept:
+                consecutive_skips = 0
+                if getattr(objective, "teacher", None) is not None:
+                    objective.teacher.update(engine.module, float(momentum_sched[global_step]))
+                if hasattr(objective, "step_kept"):
+                    objective.step_kept()
+            elif loss_scaled:
+                skipped += 1  # the loss scaler halved the scale; it raises by itself if the scale cannot drop further
             global_step += 1
             window_images += cfg.batch_size * dist.world_size
             logger.advance()

@@ -1,4 +1,4 @@
-"""Autoencoders of the E-LDM (METHODS.md §1.3).
+"""Autoencoders of the E-LDM (docs/METHODS.md §1.3).
 
 * :func:`build_autoencoder` — the project's own small diffusers ``AutoencoderKL`` (the default when
   the user gives none), trained with :func:`autoencoder_loss` (reconstruction + small KL).

@@ -1,4 +1,4 @@
-"""Operations on the conditioning embedding of the E-LDM (METHODS.md §1.5, §2.2).
+"""Operations on the conditioning embedding of the E-LDM (docs/METHODS.md §1.5, §2.2).
 
 * :func:`slerp` — spherical interpolation between two source embeddings (Gen-SIS interpolated views),
   with **α the weight on e1**.

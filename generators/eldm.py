@@ -1,5 +1,5 @@
 """E-LDM: latent diffusion conditioned on an SSL embedding through ONE cross-attention token
-(METHODS.md §1.3).
+(docs/METHODS.md §1.3).
 
 ``ELDM`` = a diffusers ``UNet2DConditionModel`` + a learned map ``e ↦ LayerNorm(Linear(ê))`` from the
 L2-normalised embedding ``ê`` to one context token ``[B, 1, cross_attention_dim]`` fed to every

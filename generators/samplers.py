@@ -1,4 +1,4 @@
-"""Guided samplers of the E-LDM (METHODS.md §1.3–1.5, §2.2).
+"""Guided samplers of the E-LDM (docs/METHODS.md §1.3–1.5, §2.2).
 
 :class:`GuidedSampler` turns embeddings into uint8 images: GenView noise on the condition →
 context tokens → ``steps`` scheduler steps of the guided ε (conditional and unconditional halves in

@@ -1,5 +1,5 @@
 """Training pieces of the generator recipes (``recipes/autoencoder.py``, ``recipes/eldm.py``) that
-plug into the engine's ``fit`` (METHODS.md §1.2–1.3).
+plug into the engine's ``fit`` (docs/METHODS.md §1.2–1.3).
 
 * :class:`TensorBatchLoader` — batches of in-memory (or memory-mapped) per-sample tensors (latents,
   embeddings, images), in the shared epoch order of :func:`genssl.data.sampler.rank_batches`, so a
@@ -343,7 +343,7 @@ def cached_dataset_tensor(cache: LatentCache, name: str, index, dist, compute_ba
                 indices.append(idx.cpu())
         part = {"indices": torch.cat(indices) if indices else torch.zeros(0, dtype=torch.int64)}
         if values:
-            part["values"] = torch.cat(values)
+            part["values"] = torch.cat(values).contiguous()  # CPU convs may return channels-last; safetensors refuses those
         cache.cache_dir.mkdir(parents=True, exist_ok=True)
         part_path = cache.path.with_name(f".{cache.path.stem}.part{dist.rank}of{dist.world_size}.safetensors")
         tmp = part_path.with_name(part_path.name + f".tmp{os.getpid()}")

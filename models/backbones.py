@@ -12,6 +12,12 @@ ViTs are built with `dynamic_img_size=True`: the position embedding (a grid for 
 interpolated to whatever resolution comes in, so one model sees 224² global and 96² local crops
 (or 32²/16² on small data). Every H and W must be a multiple of the patch size. `patch_size`
 overrides timm's 16 (use 4 or 8 for 32–64 px images).
+
+ResNets take `stem_stride`: how much the stem shrinks the image before the first stage. 4 is
+timm's ImageNet stem (7×7 stride-2 conv + max-pool). 1 and 2 replace it by one 3×3 conv of that
+stride without max-pool: 1 is the CIFAR stem of SimCLR (He et al.'s CIFAR ResNets keep full
+resolution), 2 a cheaper middle ground. On 32² images the ImageNet stem leaves a 1×1 map at the
+last stage, which is why small images want a smaller stride.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ def build_backbone(
     img_size: int = 224,
     patch_size: int | None = None,
     drop_path_rate: float = 0.0,
+    stem_stride: int = 4,
 ) -> nn.Module:
     """Build a randomly initialised backbone without classifier (see module docstring)."""
     if name not in _TIMM_NAMES:
@@ -58,11 +65,20 @@ def build_backbone(
         kwargs.update(img_size=img_size, patch_size=patch, dynamic_img_size=True, use_naflex=False)
     elif patch_size is not None:
         raise ValueError(f"patch_size only applies to ViT backbones, not {name!r}")
+    if stem_stride not in (1, 2, 4):
+        raise ValueError(f"stem_stride must be 1, 2 or 4 (4 = the ImageNet stem), got {stem_stride}")
+    if is_vit and stem_stride != 4:
+        raise ValueError(f"stem_stride only applies to ResNet backbones, not {name!r}; leave it at 4")
 
     model = timm.create_model(_TIMM_NAMES[name], **kwargs)
+    if stem_stride != 4:
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, stride=stem_stride, padding=1, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # as timm inits convs
+        model.maxpool = nn.Identity()
     model.embed_dim = int(model.num_features)  # timm ResNets only have num_features
     model.build_kwargs = dict(
-        name=name, img_size=int(img_size), patch_size=patch_size, drop_path_rate=float(drop_path_rate)
+        name=name, img_size=int(img_size), patch_size=patch_size, drop_path_rate=float(drop_path_rate),
+        stem_stride=int(stem_stride),
     )
     return model
 

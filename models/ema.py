@@ -6,6 +6,11 @@ a bucket at a time with ``deepspeed.zero.GatheredParameters`` so peak extra memo
 not a second full model. Under bf16/fp16 the student's module weights are low-precision copies of
 the fp32 master weights; the EMA is taken in fp32 from those copies (their rounding error averages
 out in the EMA; an EMA kept in bf16 would not move at momentum 0.996).
+
+The teacher is deterministic given its weights and input: its copy of the student has no
+stochastic depth and no dropout (DINO builds its teacher with ``drop_path_rate=0``), so targets do
+not change from call to call nor differ by rank. BatchNorm stays in training mode (batch
+statistics, synchronised across ranks by ``convert_sync_batchnorm``), as in DINO.
 """
 
 from __future__ import annotations
@@ -20,6 +25,21 @@ def _is_zero3_param(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_id")
 
 
+def _without_stochastic_layers(module: nn.Module) -> nn.Module:
+    """``module`` with every dropout, stochastic-depth and DropBlock probability set to 0 (in place).
+
+    The layers stay (timm reads ``attn_drop.p``); only their probability goes. DropPath and
+    DropBlock are matched by class name and their ``drop_prob`` so any library's count.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+        elif type(m).__name__ in ("DropPath", "DropBlock2d"):
+            assert hasattr(m, "drop_prob"), f"{type(m).__name__} without drop_prob: cannot switch it off"
+            m.drop_prob = 0.0
+    return module
+
+
 class EMATeacher(nn.Module):
     """``teacher ← m·teacher + (1−m)·student`` over parameters (buffers are copied)."""
 
@@ -27,7 +47,7 @@ class EMATeacher(nn.Module):
         super().__init__()
         # Built from the student *before* deepspeed.initialize: afterwards ZeRO-3 shards are empty.
         assert not any(_is_zero3_param(p) for p in student.parameters()), "build the teacher before deepspeed.initialize"
-        self.module = copy.deepcopy(student).float()
+        self.module = _without_stochastic_layers(copy.deepcopy(student).float())
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.bucket_numel = bucket_numel

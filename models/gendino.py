@@ -1,7 +1,7 @@
 """Gen-DINO: DINO with generated views and the Gen-SIS disentanglement loss.
 
 Belagali, Yellapragada, Graikos, Kapse, Li, Nath, Saltz, Prasanna, Samaras (2024/2025), "Gen-SIS:
-Generative Self-augmentation Improves Self-supervised Learning". See METHODS.md §1.6.
+Generative Self-augmentation Improves Self-supervised Learning". See docs/METHODS.md §1.6.
 
 Training is DINO (`genssl.models.dino`) on batches of `genssl.data.gensis_loader.GenSISLoader`:
 one global crop of a sample comes from a synthetic view of the same image with probability p_gen
@@ -37,7 +37,7 @@ __all__ = ["GenDINOConfig", "GenDINOObjective", "disentanglement_loss", "disenta
 
 @dataclasses.dataclass
 class GenDINOConfig:
-    """Gen-DINO settings (METHODS.md §1.6 defaults)."""
+    """Gen-DINO settings (docs/METHODS.md §1.6 defaults)."""
 
     p_gen: float = 0.5          # probability that global crop slot 1 comes from a synthetic view
     lambda_dis: float = 1.0     # weight λ of the disentanglement loss
@@ -104,8 +104,9 @@ class GenDINOObjective(DINOObjective):
     resolution, one backbone call); one student (engine) forward over ``crops[:G] + [interp] +
     crops[G:]`` — the interpolated crops next to the global crops of the same size, so the backbone
     runs once per resolution — whose output rows are split back into L_DINO's crop-major rows and the
-    interpolated rows. Both terms use the centre as it was before the step; then the centre is
-    updated once from the teacher outputs of the ``G`` global crops. Terms: ``loss_dino``,
+    interpolated rows. Both terms use the centre as it was before the step; the centre is updated
+    once from the teacher outputs of the ``G`` global crops, when the engine keeps the step
+    (`step_kept`). Terms: ``loss_dino``,
     ``loss_dis`` (when computed), ``teacher_temp``.
 
     With ``gen.interpolation`` off or ``gen.lambda_dis == 0`` it is `DINOObjective` exactly (same
@@ -141,6 +142,6 @@ class GenDINOObjective(DINOObjective):
         temp = float(self.teacher_temps[min(progress.epoch, self.epochs - 1)])
         loss_dino = self.loss(student_dino, teacher_dino, temp, update_center=False)
         loss_dis = disentanglement_loss(self.loss, teacher_dino[:B], teacher_partner, alpha, student_interp, temp)
-        self.loss.update_center(teacher_dino)
+        self.defer_center_update(teacher_dino)
         loss = loss_dino + self.gen.lambda_dis * loss_dis
         return loss, {"loss_dino": loss_dino.detach(), "loss_dis": loss_dis.detach(), "teacher_temp": torch.tensor(temp)}

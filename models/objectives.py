@@ -40,9 +40,9 @@ class DINOConfig:
             raise ValueError("dino temperatures must be > 0")
 
 
-def build_dino_student(model: str, img_size: int, patch_size: int, cfg: DINOConfig) -> MultiCropWrapper:
+def build_dino_student(model: str, img_size: int, patch_size: int, cfg: DINOConfig, stem_stride: int = 4) -> MultiCropWrapper:
     backbone = build_backbone(model, img_size=img_size, patch_size=patch_size if model.startswith("vit") else None,
-                              drop_path_rate=cfg.drop_path_rate)
+                              drop_path_rate=cfg.drop_path_rate, stem_stride=stem_stride)
     head = DINOHead(backbone.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, norm_last_layer=cfg.norm_last_layer)
     return MultiCropWrapper(backbone, head)
 
@@ -52,7 +52,9 @@ class DINOObjective(nn.Module):
 
     Batches are ``(crops, indices)`` with the ``n_global`` global crops first. The teacher runs in
     fp32 weights under autocast in the training precision; the student receives crops in the
-    engine's dtype. The centre is updated from the teacher's outputs on the global crops.
+    engine's dtype. The centre moves towards the teacher's outputs on the global crops in
+    `step_kept`, which the engine calls only for steps every rank keeps: a skipped (non-finite)
+    step must not leave its outputs in the centre.
     """
 
     def __init__(self, student: MultiCropWrapper, cfg: DINOConfig, n_global: int, epochs: int, dtype: torch.dtype):
@@ -63,6 +65,16 @@ class DINOObjective(nn.Module):
         self.cfg, self.n_global, self.epochs, self.dtype = cfg, n_global, epochs, dtype
         self.teacher_temps = warmup_then_constant(cfg.warmup_teacher_temp, cfg.teacher_temp,
                                                   cfg.warmup_teacher_temp_epochs, epochs)
+        self._pending_center: torch.Tensor | None = None  # teacher outputs of the last step, until it is kept
+
+    def defer_center_update(self, teacher_out: torch.Tensor) -> None:
+        self._pending_center = teacher_out.detach()
+
+    def step_kept(self) -> None:
+        """The engine keeps this step: the centre moves towards its teacher outputs (all ranks)."""
+        assert self._pending_center is not None, "step_kept() without a training_loss() before it"
+        self.loss.update_center(self._pending_center)
+        self._pending_center = None
 
     def teacher_logits(self, crops: list[torch.Tensor]) -> torch.Tensor:
         device = crops[0].device
@@ -74,5 +86,6 @@ class DINOObjective(nn.Module):
         teacher_out = self.teacher_logits(crops[: self.n_global])
         student_out = engine([c.to(self.dtype) for c in crops])
         temp = float(self.teacher_temps[min(progress.epoch, self.epochs - 1)])
-        loss = self.loss(student_out, teacher_out, temp)
+        loss = self.loss(student_out, teacher_out, temp, update_center=False)
+        self.defer_center_update(teacher_out)
         return loss, {"teacher_temp": torch.tensor(temp)}

@@ -1,4 +1,4 @@
-"""The project's own KL autoencoder for the E-LDM (METHODS.md §1.3), trained on the dataset itself.
+"""The project's own KL autoencoder for the E-LDM (docs/METHODS.md §1.3), trained on the dataset itself.
 
     deepspeed recipes/autoencoder.py                                   # CPU-sized run on builtin:shapes
     deepspeed --num_gpus 8 recipes/autoencoder.py preset=imagenet data=/data/imagenet out=runs/ae256
@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 
 from genssl.data.augment import MultiCropSpec
-from genssl.engine.config import ConfigError, config_hash, parse_config, to_dict
+from genssl.engine.config import ConfigError, parse_config, presets_in_effect, run_identity, to_dict
 from genssl.engine.distributed import DistInfo, barrier, cleanup, setup_distributed
 from genssl.engine.run_config import TrainConfig
 from genssl.engine.setup import Data, load_data
@@ -128,16 +128,14 @@ def autoencoder_folder(out: str | os.PathLike) -> Path:
     return Path(out) / AE_DIR
 
 
-def _done_hash(cfg: AutoencoderRecipeConfig) -> str:
-    return config_hash(cfg, exclude=("ckpt", "log", "eval", "out", "num_workers"))
-
-
 def _finished(cfg: AutoencoderRecipeConfig, data: Data) -> bool:
     meta = autoencoder_folder(cfg.out) / META_FILE
     if not meta.is_file():
         return False
     info = json.loads(meta.read_text())
-    return info.get("config_hash") == _done_hash(cfg) and info.get("data_fingerprint") == data.train.fingerprint
+    # The same run (engine/config.py::run_identity; eval.* does not count: nothing is evaluated) on the same data.
+    return (info.get("run_identity") == run_identity(cfg, training_only=True)
+            and info.get("data_fingerprint") == data.train.fingerprint)
 
 
 def _ae_spec(arch: AutoencoderArch) -> MultiCropSpec:
@@ -231,8 +229,8 @@ def train_autoencoder(cfg: AutoencoderRecipeConfig, dist: DistInfo, data: Data |
             errs = [(final.decode(final.encode(b).latent_dist.mode()).sample.clamp(-1, 1) - b).abs().mean()
                     for b in x.to(dist.device).split(16)]
             rec_l1 = float(torch.stack(errs).mean()) * 127.5  # mean absolute error in grey levels
-        meta = {"config_hash": _done_hash(cfg), "hash": autoencoder_hash(final), "image_size": arch.image_size,
-                "downsample_factor": downsample_factor(final), "latent_channels": arch.latent_channels,
+        meta = {"run_identity": run_identity(cfg, training_only=True), "hash": autoencoder_hash(final),
+                "image_size": arch.image_size, "downsample_factor": downsample_factor(final), "latent_channels": arch.latent_channels,
                 "scaling_factor": sf, "data": cfg.data, "data_fingerprint": data.train.fingerprint,
                 "reconstruction_mae_grey_levels": rec_l1, "steps": result.global_step, "config": to_dict(cfg)}
         _save_folder(final.cpu(), folder, meta)
@@ -243,13 +241,13 @@ def train_autoencoder(cfg: AutoencoderRecipeConfig, dist: DistInfo, data: Data |
 
 
 def resolve_preset(argv: list[str], default: str = "smoke") -> list[str]:
-    """Prepend ``preset=<default>`` when none is given; on a CUDA machine, the smoke preset trains in
-    bf16 unless ``precision=`` is given."""
-    if not any(a.startswith("preset=") for a in argv):
-        argv = [f"preset={default}", *argv]
-    preset = [a.split("=", 1)[1] for a in argv if a.startswith("preset=")][-1]
-    if preset == "smoke" and torch.cuda.is_available() and not any(a.startswith("precision=") for a in argv):
-        argv = [*argv, "precision=bf16"]
+    """``argv`` with its presets made explicit (``presets_in_effect``: ``preset=<default>`` when none
+    is given, none under ``config=FILE``); on a CUDA machine the smoke preset trains in bf16 unless
+    ``precision=`` is given."""
+    presets = presets_in_effect(argv, default)
+    argv = [*(f"preset={name}" for name in presets), *(a for a in argv if not a.startswith("preset="))]
+    if presets[-1:] == ["smoke"] and torch.cuda.is_available() and not any(a.startswith("precision=") for a in argv):
+        argv.append("precision=bf16")
     return argv
 
 

@@ -1,17 +1,17 @@
-"""DINO pretraining (Caron et al. 2021), then a k-NN evaluation of the teacher's backbone.
+"""DINO pretraining (Caron et al. 2021), then k-NN and linear probe of the teacher's backbone and of its random init.
 
     deepspeed recipes/dino.py                               # CPU-sized run on builtin:shapes
     deepspeed recipes/dino.py preset=imagenet data=/data/imagenet out=runs/dino_vits16
     deepspeed --num_gpus 8 recipes/dino.py preset=cifar data=../shared/data/cifar10 zero_stage=2
 
 Writes into ``out=``: config.yaml, metrics.jsonl, checkpoints/, encoder.safetensors + encoder.json,
-eval.json. Rerunning the same command resumes from the last checkpoint.
+eval.json (the trained backbone's numbers, and under "random_init" the same protocol on the backbone
+before training: the floor). Rerunning the same command resumes from the last checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import torch
 
@@ -19,7 +19,7 @@ from genssl.data.augment import MultiCropSpec
 from genssl.engine.config import parse_config, to_dict
 from genssl.engine.distributed import barrier, cleanup, setup_distributed
 from genssl.engine.atomic import write_json_atomic
-from genssl.engine.evaluate import knn_eval
+from genssl.engine.evaluate import describe, evaluate_encoder
 from genssl.engine.export import save_encoder
 from genssl.engine.run_config import TrainConfig
 from genssl.engine.setup import load_data, train_loader
@@ -34,17 +34,29 @@ class DINORecipeConfig(TrainConfig):
     dino: DINOConfig = dataclasses.field(default_factory=DINOConfig)
 
 
-# CPU-sized: a few minutes on 2 cores, k-NN well above chance on builtin:shapes. The default preset.
-# ResNet-18: over a few hundred CPU steps it gives clearly better k-NN than a ViT (docs/ENGINE.md).
+# CPU-sized (the default): a few minutes on 2 cores. 32 px built-in images and a ResNet-18 with the
+# small-image stem; lr, teacher momentum and batch sized for a few hundred steps, where DINO's
+# ImageNet values (lr 5e-4 per 256 at batch 64, momentum 0.996) barely move the encoder
+# (docs/LEARNING.md has the measurements that chose these values).
 SMOKE = {
-    "model": "resnet18", "epochs": 6, "batch_size": 64, "precision": "fp32", "num_workers": 2,
-    "crops": {"global_size": 48, "local_size": 24, "n_local": 4, "global_scale": [0.5, 1.0], "local_scale": [0.2, 0.5]},
-    "dino": {"out_dim": 4096, "hidden_dim": 256, "bottleneck_dim": 64, "drop_path_rate": 0.0},
-    "optim": {"lr": 5e-4, "warmup_epochs": 1, "weight_decay_end": 0.1},
-    "ema": {"momentum": 0.996}, "ckpt": {"every_steps": 50}, "log": {"every_steps": 5}, "eval": {"size": 48},
+    "data": "builtin:shapes?size=32&per_class=100&val_per_class=50",
+    "model": "resnet18", "stem_stride": 2, "epochs": 6, "batch_size": 32, "precision": "fp32", "num_workers": 2,
+    "crops": {"global_size": 32, "local_size": 16, "n_local": 2, "global_scale": [0.3, 1.0], "local_scale": [0.1, 0.3]},
+    "dino": {"out_dim": 1024, "hidden_dim": 256, "bottleneck_dim": 64, "drop_path_rate": 0.0},
+    "optim": {"lr": 2e-3, "warmup_epochs": 1, "weight_decay_end": 0.1},
+    "ema": {"momentum": 0.99}, "ckpt": {"every_steps": 50}, "log": {"every_steps": 5}, "eval": {"size": 32},
+}
+# 32x32 photos (CIFAR-10 style) on 2 CPU cores in about 30 minutes (bench/learning.py, docs/LEARNING.md).
+CPU = {
+    **SMOKE, "data": "builtin:shapes?size=32",
+    "epochs": 6, "batch_size": 64, "num_workers": 2,
+    "crops": {"global_size": 32, "local_size": 16, "n_local": 4, "global_scale": [0.25, 1.0], "local_scale": [0.08, 0.25]},
+    "dino": {"out_dim": 4096, "hidden_dim": 512, "bottleneck_dim": 128, "drop_path_rate": 0.0},
+    "ckpt": {"every_steps": 200}, "log": {"every_steps": 10},
 }
 PRESETS = {
     "smoke": SMOKE,
+    "cpu": CPU,
     # 32x32 images (CIFAR-10 style): ViT-Tiny/4, 2x32 + 6x16 crops.
     "cifar": {
         "model": "vit_tiny", "patch_size": 4, "epochs": 100, "batch_size": 256, "precision": "bf16",
@@ -52,7 +64,7 @@ PRESETS = {
         "dino": {"out_dim": 4096, "hidden_dim": 1024, "bottleneck_dim": 256},
         "optim": {"lr": 5e-4, "warmup_epochs": 10}, "eval": {"size": 32},
     },
-    # The DINO ViT-S/16 reference settings (METHODS.md §1.1).
+    # The DINO ViT-S/16 reference settings (docs/METHODS.md §1.1).
     "imagenet": {
         "model": "vit_small", "patch_size": 16, "epochs": 100, "batch_size": 64, "precision": "bf16",
         "crops": {"global_size": 224, "local_size": 96, "n_global": 2, "n_local": 8},
@@ -70,38 +82,62 @@ def dino_objective(cfg: DINORecipeConfig):
     return lambda student: DINOObjective(student, cfg.dino, cfg.crops.n_global, cfg.epochs, dtype)
 
 
-def train_dino(cfg: DINORecipeConfig, dist, data, loader, make_objective, deepspeed_config: str | None = None) -> dict | None:
-    """Pretrain with ``make_objective(student)``, export the teacher backbone, run k-NN; every rank calls it.
-
-    Returns the k-NN result (None for unlabelled data). Gen-DINO reuses it with its own loader and objective.
-    """
+def initial_student(cfg: DINORecipeConfig):
+    """The randomly initialised student `train_dino` starts from (seeded: the same on every rank and run)."""
     torch.manual_seed(cfg.seed)
-    student = build_dino_student(cfg.model, cfg.crops.global_size, cfg.patch_size, cfg.dino)
+    return build_dino_student(cfg.model, cfg.crops.global_size, cfg.patch_size, cfg.dino, cfg.stem_stride)
+
+
+def evaluate(backbone, cfg: DINORecipeConfig, dist, data) -> dict:
+    """k-NN and linear probe (``cfg.eval``) of a frozen backbone, on images normalised as in training."""
+    return evaluate_encoder(backbone, data.train, data.val, cfg.eval, dist, cfg.seed, cfg.num_workers,
+                            cfg.crops.mean, cfg.crops.std)
+
+
+def evaluate_random_init(cfg: DINORecipeConfig, dist, data) -> dict:
+    """The floor a trained encoder must beat: `evaluate` of the backbone training starts from.
+
+    Leaves the global RNG as it was, so calling it does not change what a later run draws.
+    """
+    with torch.random.fork_rng(devices=[]):
+        backbone = initial_student(cfg).backbone
+    return evaluate(backbone.to(dist.device), cfg, dist, data)
+
+
+def train_dino(cfg: DINORecipeConfig, dist, data, loader, make_objective, deepspeed_config: str | None = None,
+               random_init: dict | None = None) -> dict:
+    """Pretrain with ``make_objective(student)``, export the teacher backbone, evaluate it; every rank calls it.
+
+    Returns `evaluate`'s result (its numbers are None for unlabelled data). ``random_init``, the
+    floor from `evaluate_random_init`, is printed beside it and written into eval.json. Gen-DINO
+    reuses this with its own loader and objective.
+    """
+    student = initial_student(cfg)
     objective = make_objective(student)
     fit(cfg, dist, student, objective, loader, cfg.out, deepspeed_config, late_params=student.head.last_layer_parameters())
 
     teacher_backbone = objective.teacher.module.backbone
-    result = knn_eval(teacher_backbone, data.train, data.val, cfg.eval, dist, cfg.seed, cfg.num_workers) if cfg.eval.knn else None
+    result = evaluate(teacher_backbone, cfg, dist, data)
     if dist.is_main:
         save_encoder(teacher_backbone, cfg.out, to_dict(cfg), data.train.fingerprint)
-        write_json_atomic(f"{cfg.out}/eval.json", result or {"knn": None, "reason": "no labels in the data"})
-        print(f"k-NN (k={cfg.eval.knn_k}) on {cfg.data}: " + (
-            f"top-1 {result['knn_top1']:.2f} %  top-5 {result['knn_top5']:.2f} %" if result else "skipped (unlabelled data)"))
+        write_json_atomic(f"{cfg.out}/eval.json", result if random_init is None else {**result, "random_init": random_init})
+        print(f"evaluation on {cfg.data}:")
+        if random_init is not None:
+            print(f"  random init  {describe(random_init)}")
+        print(f"  trained      {describe(result)}")
         print(f"wrote {cfg.out}/encoder.safetensors and {cfg.out}/eval.json", flush=True)
     barrier()
     return result
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not any(a.startswith("preset=") for a in argv):
-        argv = ["preset=smoke", *argv]
-    args = parse_config(argv, DINORecipeConfig, PRESETS)
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_config(argv, DINORecipeConfig, PRESETS, default_preset="smoke")
     cfg: DINORecipeConfig = args.config
     dist = setup_distributed(args.local_rank)
     data = load_data(cfg.data, cfg.cache_dir, dist)
     loader = train_loader(data.train, cfg.crops, cfg, dist)
-    result = train_dino(cfg, dist, data, loader, dino_objective(cfg), args.deepspeed_config)
+    random_init = evaluate_random_init(cfg, dist, data)
+    result = train_dino(cfg, dist, data, loader, dino_objective(cfg), args.deepspeed_config, random_init)
     cleanup()
     return result
 

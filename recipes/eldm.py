@@ -1,4 +1,4 @@
-"""E-LDM: latent diffusion conditioned on the frozen stage-1 encoder's embedding (METHODS.md §1.2–1.3).
+"""E-LDM: latent diffusion conditioned on the frozen stage-1 encoder's embedding (docs/METHODS.md §1.2–1.3).
 
     deepspeed recipes/eldm.py encoder=runs/dino                       # CPU-sized run on builtin:shapes
     deepspeed --num_gpus 8 recipes/eldm.py preset=imagenet encoder=runs/dino_vits16 data=/data/imagenet \\

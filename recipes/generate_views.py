@@ -1,4 +1,4 @@
-"""Generate the synthetic views of a dataset with a trained E-LDM into a view store (METHODS.md §1.4–1.5).
+"""Generate the synthetic views of a dataset with a trained E-LDM into a view store (docs/METHODS.md §1.4–1.5).
 
     python recipes/generate_views.py eldm=runs/eldm out=runs/views.zarr            # CPU-sized defaults
     torchrun --nproc_per_node 8 recipes/generate_views.py preset=imagenet eldm=runs/eldm256 \\
@@ -18,6 +18,12 @@ Every rank writes its own shards (shard s belongs to rank s % world_size); a rer
 no-op. A store made from other data or by another generator is refused (the view store's message).
 ``backend=`` ``eager`` | ``compile`` | ``cudagraphs`` | ``tensorrt``: one that cannot run here fails at
 start, naming those that can. ``contact_sheet=PATH.png`` writes a grid of random sources at the end.
+
+At the end (``report=true``, the default) the view-quality report of the store is printed and written
+to ``STORE.quality.json`` (:mod:`genssl.generators.view_quality`: cosine of ``report_sources`` sources'
+views to their source, k-NN label agreement, per-α cosines of the interpolated views, random-pair
+baseline); a complete store's rerun prints the saved report, so ``python recipes/generate_views.py
+eldm=… out=STORE.zarr`` is also how to see it again.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from genssl.generators.eldm import load_eldm
 from genssl.generators.job import DEFAULT_ALPHAS, contact_sheet, run_generation
 from genssl.generators.samplers import GuidedSampler
 from genssl.generators.training import EncoderInput, cached_embeddings
+from genssl.generators.view_quality import format_report, store_quality_report
 from genssl.recipes.eldm import GENERATOR_FILE, resolve_eldm_dir
 
 
@@ -67,12 +74,14 @@ class GenerateConfig:
     num_workers: int = 2
     embed_batch_size: int = 64
     progress: bool = True
+    report: bool = True  # the view-quality report at the end (printed; written to STORE.quality.json)
+    report_sources: int = 256  # sources sampled for the report (all their views are embedded)
 
     def validate(self) -> None:
         if self.views_per_image < 0 or self.interp_per_image < 0 or self.views_per_image + self.interp_per_image < 1:
             raise ConfigError("views_per_image and interp_per_image must be >= 0 and not both 0")
-        if self.steps < 1 or self.batch_size < 1 or self.shard_size < 1 or self.contact_n < 1:
-            raise ConfigError("steps, batch_size, shard_size and contact_n must be >= 1")
+        if self.steps < 1 or self.batch_size < 1 or self.shard_size < 1 or self.contact_n < 1 or self.report_sources < 1:
+            raise ConfigError("steps, batch_size, shard_size, contact_n and report_sources must be >= 1")
         if not all(0.0 < a < 1.0 for a in self.alphas):
             raise ConfigError(f"alphas must lie in (0, 1), got {self.alphas}")
         if self.noise_level < 0:
@@ -201,15 +210,23 @@ def generate(cfg: GenerateConfig, dist: DistInfo) -> dict:
         if cfg.contact_sheet:
             path = contact_sheet(store_path, cfg.contact_sheet, n=cfg.contact_n, seed=cfg.seed)
             print(f"contact sheet: {path}", flush=True)
+    if cfg.report:  # every rank: the embedding cache is collective; rank 0 computes the report
+        try:
+            total["quality"] = store_quality_report(
+                store_path, index, dist, encoder=cfg.encoder or gen["encoder"]["path"],
+                input_spec=EncoderInput.from_dict(gen["encoder"]["input"]), n_sources=cfg.report_sources, seed=cfg.seed,
+                batch_size=cfg.embed_batch_size, num_threads=cfg.num_workers, cache_dir=cfg.cache_dir,
+                log=print if dist.is_main else None)
+        except ValueError as e:
+            raise GenerationError(f"view-quality report: {e} (or pass report=false)") from None
+        if dist.is_main:
+            print(format_report(total["quality"]), flush=True)
     barrier()
     return total
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not any(a.startswith("preset=") for a in argv):
-        argv = ["preset=smoke", *argv]
-    args = parse_config(argv, GenerateConfig, PRESETS)
+    args = parse_config(argv, GenerateConfig, PRESETS, default_preset="smoke")
     dist = setup_distributed(args.local_rank)
     try:
         total = generate(args.config, dist)

@@ -59,9 +59,18 @@ def main(argv=None):
                                       nan_at_step=cfg.nan_at_step, step_sleep=cfg.step_sleep)
     loader = SyntheticMultiCropLoader(cfg.n_samples, cfg.batch_size, dist.rank, dist.world_size, cfg.seed,
                                       global_size=8, local_size=4, n_local=2)
-    _, result = fit(cfg, dist, student, objective, loader, cfg.out, args.deepspeed_config,
+    engine, result = fit(cfg, dist, student, objective, loader, cfg.out, args.deepspeed_config,
                     late_params=student.head.last_layer_parameters())
-    state = {"teacher": objective.teacher.state_dict(), "center": objective.loss.center, "skipped": result.skipped_steps}
+    # The teacher's targets on one fixed probe, twice: they must not change from call to call (no
+    # drop path, no dropout in the teacher) nor differ by rank.
+    # (Saved after the weights: a BatchNorm teacher's forward updates its running statistics.)
+    optimizer = engine.optimizer
+    loss_scale = getattr(optimizer, "loss_scale", getattr(optimizer, "cur_scale", None))  # fp16 only
+    state = {"teacher": {k: v.clone() for k, v in objective.teacher.state_dict().items()},
+             "center": objective.loss.center, "skipped": result.skipped_steps,
+             "loss_scale": float(loss_scale) if loss_scale is not None else None}
+    probe = [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(123))]
+    state["targets"] = [objective.teacher_logits(probe) for _ in range(2)]
     torch.save(state, f"{cfg.out}/teacher.pt" if dist.is_main else f"{cfg.out}/teacher_rank{dist.rank}.pt")
     cleanup()
 

@@ -1,18 +1,21 @@
-"""Config front door: presets, overrides, launcher flags, DeepSpeed JSON, and errors that name the key."""
+"""Config front door: presets, config files and their precedence, overrides, launcher flags, DeepSpeed JSON,
+and errors that name the key."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
 import torch
 import yaml
 
-from genssl.engine.config import ConfigError, parse_config, to_dict, write_config
+from genssl.engine.config import ConfigError, parse_config, presets_in_effect, to_dict, write_config
 from genssl.engine.distributed import DistInfo
 from genssl.engine.trainer import deepspeed_config
+from genssl.recipes.autoencoder import resolve_preset
 from genssl.recipes.dino import PRESETS, DINORecipeConfig
+from genssl.recipes.dino_gensis import PRESETS as GENSIS_PRESETS, GenSISConfig
+from genssl.recipes.eldm import PRESETS as ELDM_PRESETS, ELDMRecipeConfig
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -70,26 +73,87 @@ def test_bad_input_fails_before_any_work_naming_the_key(argv, message) -> None:
     assert message in str(err.value)
 
 
-def test_resolved_config_round_trips_through_yaml(tmp_path) -> None:
-    cfg = parse("preset=cifar", "seed=5").config
-    write_config(cfg, str(tmp_path / "config.yaml"))
-    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == to_dict(cfg)
-    again = parse(f"config={tmp_path / 'config.yaml'}").config
-    assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+@pytest.mark.parametrize("cls, presets", [(DINORecipeConfig, PRESETS), (GenSISConfig, GENSIS_PRESETS)],
+                         ids=["dino", "dino_gensis"])
+def test_a_runs_config_yaml_given_back_reproduces_it_exactly(tmp_path, cls, presets) -> None:
+    cfg = parse_config(["preset=imagenet", "seed=5", "optim.lr=1e-3"], cls, presets, default_preset="smoke").config
+    path = tmp_path / "config.yaml"
+    write_config(cfg, str(path))
+    assert yaml.safe_load(path.read_text()) == to_dict(cfg)
+    # What the recipe's main() does with `config=FILE` alone: no default preset under a resolved config.
+    again = parse_config([f"config={path}"], cls, presets, default_preset="smoke").config
+    assert to_dict(again) == to_dict(cfg)
+    # Precedence: defaults < preset < config=FILE < command-line keys, whatever the order of the tokens.
+    again = parse_config([f"config={path}", "preset=smoke"], cls, presets, default_preset="smoke").config
+    assert to_dict(again) == to_dict(cfg)
+    again = parse_config(["epochs=3", f"config={path}", "crops.n_local=2"], cls, presets, default_preset="smoke").config
+    assert (again.epochs, again.crops.n_local) == (3, 2)
+    assert to_dict(again) == {**to_dict(cfg), "epochs": 3, "crops": {**to_dict(cfg.crops), "n_local": 2}}
 
 
-def test_deepspeed_json_is_layered_over_our_settings(tmp_path) -> None:
-    cfg = parse("preset=smoke", "zero_stage=1").config
+def test_the_default_preset_applies_only_without_preset_and_config() -> None:
+    assert presets_in_effect([], "smoke") == ["smoke"]
+    assert presets_in_effect(["epochs=3", "preset=cifar"], "smoke") == ["cifar"]
+    assert presets_in_effect(["config=run/config.yaml", "epochs=3"], "smoke") == []
+    assert presets_in_effect(["config=run/config.yaml", "preset=cifar"], "smoke") == ["cifar"]
+    assert presets_in_effect([], None) == []
+    assert parse_config([], DINORecipeConfig, PRESETS, default_preset="smoke").config.model == "resnet18"
+
+
+def test_generator_recipes_reproduce_a_runs_config_yaml(tmp_path) -> None:
+    # recipes/autoencoder.py and recipes/eldm.py make the preset explicit with resolve_preset.
+    cfg = parse_config(resolve_preset(["preset=imagenet", "seed=3"]), ELDMRecipeConfig, ELDM_PRESETS).config
+    path = tmp_path / "config.yaml"
+    write_config(cfg, str(path))
+    assert resolve_preset([f"config={path}"]) == [f"config={path}"]
+    assert to_dict(parse_config(resolve_preset([f"config={path}"]), ELDMRecipeConfig, ELDM_PRESETS).config) == to_dict(cfg)
+    assert resolve_preset(["epochs=2"])[0] == "preset=smoke"
+
+
+def test_deepspeed_json_tunes_deepspeed_and_never_changes_the_run(tmp_path) -> None:
     user = tmp_path / "ds.json"
-    user.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 3, "overlap_comm": True},
-                                "bf16": {"enabled": True}}))
+    user.write_text(json.dumps({"zero_optimization": {"overlap_comm": True, "reduce_bucket_size": 5e7,
+                                                      "offload_optimizer": {"device": "cpu"}},
+                                "fp16": {"initial_scale_power": 12}, "wall_clock_breakdown": True}))
+    cfg = parse("preset=smoke", "zero_stage=1", "--deepspeed_config", str(user)).config
+    before = to_dict(cfg)
     ds = deepspeed_config(cfg, CPU, str(user))
-    assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
-    assert (cfg.batch_size, cfg.zero_stage, cfg.precision) == (16, 3, "bf16")  # the run follows the file
+    assert to_dict(cfg) == before  # config.yaml, the loader and the lr scaling were built from these values
+    assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": True, "reduce_bucket_size": 5e7,
+                                       "offload_optimizer": {"device": "cpu"}}
+    assert ds["train_micro_batch_size_per_gpu"] == cfg.batch_size and ds["bf16"] == {"enabled": False}
+    assert ds["fp16"]["initial_scale_power"] == 12 and not ds["fp16"]["enabled"] and ds["wall_clock_breakdown"]
     assert ds["gradient_clipping"] == cfg.optim.clip_grad
-    user.write_text(json.dumps({"scheduler": {"type": "WarmupLR"}}))
-    with pytest.raises(ConfigError, match="remove the 'scheduler' block"):
-        deepspeed_config(cfg, CPU, str(user))
+
+
+@pytest.mark.parametrize("user, key, instead", [
+    ({"train_micro_batch_size_per_gpu": 16}, "train_micro_batch_size_per_gpu", "batch_size="),
+    ({"train_batch_size": 256}, "train_batch_size", "batch_size="),
+    ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps", "batch_size="),
+    ({"zero_optimization": {"stage": 3, "overlap_comm": True}}, "zero_optimization.stage", "zero_stage="),
+    ({"bf16": {"enabled": True}}, "bf16.enabled", "precision="),
+    ({"fp16": {"enabled": True, "loss_scale": 0}}, "fp16.enabled", "precision="),
+    ({"amp": {"enabled": True}}, "amp", "precision="),
+    ({"gradient_clipping": 1.0}, "gradient_clipping", "optim.clip_grad="),
+    ({"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}, "optimizer", "optim.*"),
+    ({"scheduler": {"type": "WarmupLR"}}, "scheduler", "optim.*"),
+])
+def test_deepspeed_json_keys_that_the_config_owns_are_refused_at_parse_time(tmp_path, user, key, instead) -> None:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user))
+    with pytest.raises(ConfigError) as err:
+        parse("preset=smoke", "--deepspeed_config", str(path))
+    assert f"remove {key!r}" in str(err.value) and f"use {instead}" in str(err.value)
+    cfg = parse("preset=smoke").config
+    with pytest.raises(ConfigError, match=f"remove {key!r}"):  # fit's own path refuses it too
+        deepspeed_config(cfg, CPU, str(path))
+
+
+def test_deepspeed_json_that_is_not_an_object_is_refused(tmp_path) -> None:
+    path = tmp_path / "ds.json"
+    path.write_text("{'zero_optimization': }")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        parse("--deepspeed_config", str(path))
 
 
 def test_fp16_on_cpu_is_refused_with_the_alternative() -> None:

@@ -1,16 +1,23 @@
-"""k-NN evaluation: the DINO weighted vote, and feature gathering across ranks."""
+"""k-NN evaluation: the DINO weighted vote, feature gathering across ranks, and the evaluation entry point."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+from genssl.engine.distributed import DistInfo
+from genssl.engine.evaluate import RESULT_KEYS, eval_features, eval_splits, evaluate_encoder
 from genssl.engine.knn import extract_features, knn_classify
+from genssl.engine.linear import linear_probe
+from genssl.engine.run_config import EvalConfig
+from genssl.engine.setup import load_data
 
 # ---------------------------------------------------------------------------------- knn_classify
 
@@ -114,6 +121,12 @@ def test_extract_features_single_process() -> None:
     assert not model.training
 
 
+def test_extract_features_raw() -> None:
+    model = _model()
+    feats, _ = extract_features(model, _loader(list(range(N))), "cpu", normalize=False)
+    torch.testing.assert_close(feats, model.eval()(_dataset()[0]).detach())
+
+
 UNEVEN = ([0, 2, 4, 6, 8, 10, 1], [3, 5, 7, 9, 0])  # rank 1 repeats index 0 as padding
 ONE_EMPTY = (list(range(N)), [])
 
@@ -142,3 +155,55 @@ def test_distributed_gather_matches_single_process(tmp_path, shards) -> None:
         assert feats.shape == (N, 6)
         torch.testing.assert_close(feats, ref_feats)
         assert torch.equal(labels, ref_labels)
+
+
+# ---------------------------------------------------------------------------------- evaluate_encoder
+
+TINY_DATA = "builtin:shapes?size=32&per_class=4&val_per_class=2"
+ONE_PROCESS = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def _channel_means() -> nn.Module:
+    """Features = the per-channel mean of the normalised image: shows which normalisation was applied."""
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def test_eval_features_use_the_training_normalisation() -> None:
+    data = load_data(TINY_DATA, "", ONE_PROCESS)
+    cfg = EvalConfig(size=32, batch_size=16)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    imagenet = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    (ours, _), = eval_features(_channel_means(), [data.val], cfg, ONE_PROCESS, 1, mean, std)
+    (theirs, _), = eval_features(_channel_means(), [data.val], cfg, ONE_PROCESS, 1, *imagenet)
+    # (p - m) / s for the same pixels p: undo ImageNet's normalisation, apply ours
+    pixels = theirs * torch.tensor(imagenet[1]) + torch.tensor(imagenet[0])
+    torch.testing.assert_close(ours, (pixels - torch.tensor(mean)) / torch.tensor(std), atol=1e-4, rtol=1e-4)
+
+
+def test_evaluate_encoder_scores_one_extraction_with_both_protocols() -> None:
+    data = load_data(TINY_DATA, "", ONE_PROCESS)
+    cfg = EvalConfig(size=32, batch_size=16, knn_k=5, linear_epochs=5, linear_lr=0.05, linear_batch_size=8)
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 5, stride=4), nn.ReLU(), nn.Flatten())  # 8 x 7 x 7 features
+    result = evaluate_encoder(backbone, data.train, data.val, cfg, ONE_PROCESS, seed=3, num_threads=1)
+    assert set(result) == set(RESULT_KEYS)
+    (bank, bank_y), (query, query_y) = eval_features(backbone, eval_splits(data.train, data.val, cfg.holdout, 3), cfg,
+                                                     ONE_PROCESS, 1, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    knn = knn_classify(bank, bank_y, query, query_y, k=5, num_classes=12)
+    linear = linear_probe(bank, bank_y, query, query_y, num_classes=12, epochs=5, lr=0.05, batch_size=8, seed=3)
+    assert (result["knn_top1"], result["knn_top5"], result["knn_k"], result["knn_temperature"]) == (
+        knn["knn_top1"], knn["knn_top5"], 5, 0.07)
+    assert (result["linear_top1"], result["linear_top5"]) == (linear["linear_top1"], linear["linear_top5"])
+    assert (result["n_train"], result["n_test"], result["linear_epochs"]) == (48, 24, 5)
+
+    k_only = evaluate_encoder(backbone, data.train, data.val, dataclasses.replace(cfg, linear=False), ONE_PROCESS,
+                              seed=3, num_threads=1)
+    assert k_only["knn_top1"] == result["knn_top1"] and k_only["linear_top1"] is None and k_only["linear_lr"] is None
+
+
+def test_evaluate_encoder_on_unlabelled_data_says_why() -> None:
+    data = load_data(TINY_DATA, "", ONE_PROCESS)
+    flat = dataclasses.replace(data.train, labels=np.full(len(data.train), -1))
+    result = evaluate_encoder(_channel_means(), flat, None, EvalConfig(size=32), ONE_PROCESS)
+    assert result["reason"] == "no labels in the data"
+    assert all(result[key] is None for key in RESULT_KEYS)

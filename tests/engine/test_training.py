@@ -83,6 +83,43 @@ def test_two_ranks_zero_stage_matches_single_process(reference: Path, tmp_path: 
         assert abs(ref[step] - got[step]) < TOL, (step, ref[step], got[step])
 
 
+def test_two_ranks_batchnorm_backbone_matches_single_process(tmp_path: Path) -> None:
+    """BatchNorm is synchronised across ranks (SyncBatchNorm, as DINO): with per-rank statistics a
+    2-rank ResNet would normalise each half batch on its own and its losses would drift from the
+    1-rank run with the same global batch."""
+    keys = ["model=resnet18", "epochs=1", "n_samples=24"]
+    single, double = tmp_path / "single", tmp_path / "double"
+    _run([sys.executable, SCRIPT, f"out={single}", "batch_size=4", *keys])
+    _run(_torchrun(2, f"out={double}", "batch_size=2", "zero_stage=2", *keys))
+    ref, got = _losses(single), _losses(double)
+    assert ref.keys() == got.keys() and len(ref) == 6
+    for step in ref:
+        assert abs(ref[step] - got[step]) < 1e-4, (step, ref[step], got[step])
+    a, b = _teacher(single), _teacher(double)
+    for key in a["teacher"]:  # running statistics included: every rank's teacher sees the global batch
+        torch.testing.assert_close(a["teacher"][key], b["teacher"][key], atol=1e-4, rtol=0, msg=key)
+
+
+def test_teacher_targets_are_deterministic_with_drop_path(tmp_path: Path) -> None:
+    """The student trains with stochastic depth; the teacher is a deterministic function of its
+    weights and input (DINO builds its teacher without drop path), on every rank."""
+    _run(_torchrun(2, f"out={tmp_path}", "batch_size=2", "zero_stage=3", "epochs=1", "dino.drop_path_rate=0.5"))
+    rank0 = _teacher(tmp_path)
+    rank1 = torch.load(tmp_path / "teacher_rank1.pt", weights_only=False)
+    first, second = rank0["targets"]
+    assert torch.equal(first, second), "teacher targets changed between two calls on the same input"
+    assert torch.equal(first, rank1["targets"][0]), "teacher targets differ by rank"
+    _assert_same_teacher(rank0, rank1)
+
+
+def test_skipped_step_leaves_the_centre_unchanged(tmp_path: Path) -> None:
+    """A step skipped for a non-finite loss must leave no trace: the DINO centre moves only on kept steps."""
+    _run([sys.executable, SCRIPT, f"out={tmp_path}", "epochs=1", "n_samples=4", "batch_size=4", "nan_at_step=0"])
+    state = _teacher(tmp_path)
+    assert state["skipped"] == 1
+    assert torch.count_nonzero(state["center"]) == 0, "the skipped step's teacher outputs reached the centre"
+
+
 def test_sigkill_then_resume_gives_the_same_losses(reference: Path, tmp_path: Path) -> None:
     cmd = _torchrun(2, f"out={tmp_path}", "batch_size=2", "zero_stage=3", "ckpt.every_steps=4", "step_sleep=0.4")
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -124,6 +161,23 @@ def test_nonfinite_loss_is_skipped_on_every_rank(tmp_path: Path) -> None:
     state = _teacher(tmp_path)
     assert state["skipped"] == 1
     assert all(torch.isfinite(v).all() for v in state["teacher"].values())
+
+
+@pytest.mark.gpu
+def test_fp16_overflow_is_owned_by_the_loss_scaler(tmp_path: Path) -> None:
+    """fp16: an overflow must reach DeepSpeed's dynamic loss scaler, which halves the scale and
+    skips that step; training goes on. (The engine's own non-finite check sees loss-scaled
+    gradients and must stay out of the way, else the scale never drops.) CUDA only: DeepSpeed's
+    CPU accelerator has no fp16."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"fp16": {"hysteresis": 1, "initial_scale_power": 16}}))  # halve on the first overflow
+    _run([sys.executable, SCRIPT, f"out={tmp_path}", "epochs=1", "precision=fp16", "nan_at_step=3",
+          "--deepspeed_config", str(ds)])
+    state = _teacher(tmp_path)
+    assert state["skipped"] >= 1
+    assert state["loss_scale"] <= 2.0**15, f"the loss scale never dropped: {state['loss_scale']}"
+    assert all(torch.isfinite(v).all() for v in state["teacher"].values() if v.is_floating_point())
+    assert max(_losses(tmp_path)) == 12, "training must go on to the last step"
 
 
 def test_nonfinite_loss_stops_with_a_clear_message(tmp_path: Path) -> None:

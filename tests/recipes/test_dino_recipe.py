@@ -43,8 +43,12 @@ def test_deepspeed_two_ranks_zero3_trains_evaluates_and_resumes(tmp_path: Path) 
            f"data={TINY_DATA}", f"out={tmp_path}"]
     out = _run(cmd)
     result = json.loads((tmp_path / "eval.json").read_text())
-    assert set(result) >= {"knn_top1", "knn_top5", "k"} and 0 <= result["knn_top1"] <= 100
-    assert "k-NN (k=20)" in out
+    assert result["knn_k"] == 20 and result["n_test"] == 12 * 4  # every val image was a query
+    hits = result["knn_top1"] * result["n_test"] / 100  # an accuracy over the 48 queries: a whole number of hits
+    assert abs(hits - round(hits)) < 1e-6 and result["knn_top5"] >= result["knn_top1"]
+    assert "k-NN (k=20, T=0.07)" in out
+    assert result["linear_top1"] is not None and result["random_init"]["linear_top1"] is not None
+    assert result["random_init"]["knn_top1"] is not None and "random init" in out
     for name in ("config.yaml", "metrics.jsonl", "encoder.safetensors", "encoder.json", "checkpoints/latest"):
         assert (tmp_path / name).exists(), name
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -57,6 +61,7 @@ def test_deepspeed_two_ranks_zero3_trains_evaluates_and_resumes(tmp_path: Path) 
     knn = _run([sys.executable, "recipes/eval_knn.py", f"encoder={tmp_path}", f"data={TINY_DATA}", "eval.size=32"])
     standalone = json.loads((tmp_path / "eval_knn.json").read_text())
     assert abs(standalone["knn_top1"] - result["knn_top1"]) < 1e-6, "the standalone k-NN must reproduce eval.json"
+    assert standalone["linear_top1"] == result["linear_top1"], "the standalone linear probe must reproduce eval.json"
     assert "top-1" in knn
 
 
@@ -78,7 +83,8 @@ def test_folder_with_corrupt_files_is_reported_and_skipped(tmp_path: Path) -> No
     files = json.loads(report.read_text())["files"]
     assert {Path(f["path"]).name for f in files} == {"empty.jpg", "notes.jpg", "truncated.jpg"}
     assert all(f["reason"] for f in files)
-    assert json.loads((tmp_path / "run" / "eval.json").read_text())["knn_top1"] >= 0
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert result["n_train"] + result["n_test"] == 3 * 12, "the quarantined files must not be evaluated"
 
 
 def test_throughput_bench_writes_its_json(tmp_path: Path) -> None:

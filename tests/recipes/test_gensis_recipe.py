@@ -1,9 +1,11 @@
-"""The whole Gen-SIS pipeline as a tiny smoke run, then a rerun that skips every finished stage."""
+"""The whole Gen-SIS pipeline as a tiny smoke run, then a rerun from a copy of its folder that skips every
+finished stage."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,16 +37,21 @@ def test_pipeline_runs_end_to_end_and_a_rerun_skips_finished_stages(tmp_path: Pa
     for method in ("dino", "gen_dino"):
         assert 0 <= result[method]["knn_top1"] <= 100, method
     assert "gen_dino" in out and "top-1 %" in out
+    assert result["random_init"]["knn_top1"] is not None and result["random_init"]["linear_top1"] is not None
+    assert "random init" in out and "Gen-DINO" in out
     for path in ("dino/encoder.safetensors", "eldm/eldm", "views.zarr", "gen_dino/encoder.safetensors",
                  "gen_dino/metrics.jsonl"):
         assert (tmp_path / path).exists(), path
     terms = json.loads((tmp_path / "gen_dino" / "metrics.jsonl").read_text().splitlines()[-1])
     assert "loss_dino" in terms and "loss_dis" in terms
 
-    again = _run(cmd)
+    # The same run from a copied folder, with other logging and workers (keys that cannot change results).
+    moved = tmp_path.with_name(tmp_path.name + "_moved")
+    shutil.copytree(tmp_path, moved)
+    again = _run([*cmd[:-1], f"out={moved}", "log.every_steps=3", "num_workers=2"])
     assert again.count("finished earlier with these settings; skipped") == 3  # dino, eldm, gen_dino
     assert "nothing to do" in again  # the view store is complete
-    assert json.loads((tmp_path / "eval.json").read_text())["gen_dino"] == result["gen_dino"]
+    assert json.loads((moved / "eval.json").read_text())["gen_dino"] == result["gen_dino"]
 
 
 def test_gen_off_is_the_dino_baseline_alone(tmp_path: Path) -> None:
