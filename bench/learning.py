@@ -15,7 +15,9 @@ Rows (``--rows``, comma-separated; default all):
   k4        Gen-DINO with K = 4 synthetic views per image instead of 1 (a fresh view each epoch)
 Each Gen-DINO variant reuses the stage-1 encoder and the E-LDM of the ``gendino`` row (same data,
 same seed): only what differs is rerun. Every stage resumes, so rerunning the command finishes
-an interrupted benchmark.
+an interrupted benchmark; a finished pipeline copied to ``--out``/base (say the main job's
+``runs/gensis``, with the same preset and data) is reused. Wall times are each stage's own
+(training + evaluation, from its stage.json).
 
 Writes ``bench/results/<date>-learning-<device>.json`` (device, versions, command, config, rows with
 wall times) and rewrites the table in docs/LEARNING.md between its markers.
@@ -41,7 +43,9 @@ TABLES_ANCHOR = "<!-- learning-tables -->"  # docs/LEARNING.md: one table per da
 
 
 def run_pipeline(out: Path, keys: list[str], log: Path) -> tuple[dict, float]:
-    """One `recipes/dino_gensis.py` run in its own process (as a user runs it); (eval.json, wall s)."""
+    """One `recipes/dino_gensis.py` run in its own process (as a user runs it); (eval.json, wall s).
+
+    Its stages skip when finished with the same settings, so only what is missing runs."""
     cmd = [sys.executable, str(REPO / "recipes" / "dino_gensis.py"), f"out={out}", "log.progress=false", *keys]
     print("$", " ".join(cmd), flush=True)
     start = time.perf_counter()
@@ -90,10 +94,11 @@ def main() -> None:
 
     table: list[dict] = []
     base = out / "base"
-    # DINO alone first, so its wall time is DINO's; the Gen-SIS stages then skip it.
-    results, dino_wall = run_pipeline(base, [*common, "gen=off"], log)
+    # DINO alone first (its row is final even if a later stage fails); the Gen-SIS stages then skip it.
+    # A finished pipeline already in --out/base (e.g. the main job's folder, copied) is reused as is.
+    results, _ = run_pipeline(base, [*common, "gen=off"], log)
     table.append(row("random init", results.get("random_init"), None, "same architecture and seed, untrained"))
-    table.append(row("DINO", results["dino"], dino_wall, "stage 1 of the pipeline"))
+    table.append(row("DINO", results["dino"], stage_wall_s(base / "dino"), "stage 1 of the pipeline"))
     reuse = [f"encoder={base / 'dino'}", f"eldm={base / 'eldm'}"]
     if any(r != "dino" for r in rows):
         results, _ = run_pipeline(base, common, log)

@@ -199,7 +199,8 @@ def resolve_data(spec: str | os.PathLike, cache_dir: str | os.PathLike | None = 
     """``builtin:shapes[?size=64&per_class=200&val_per_class=50&seed=0]`` or a folder.
 
     A folder with a ``train/`` subfolder gives train=that and val=``val/`` when present; any other
-    folder (or a .tar shard) is train only.
+    folder (or a .tar shard) is train only. Index val with ``build_index(val, classes=train.classes)``
+    so its labels are train's class names (as ``engine.setup.load_data`` does).
     """
     text = str(spec)
     if text.startswith("builtin:"):

@@ -9,7 +9,12 @@ The result is cached as JSON keyed by the folder, so later calls only stat the f
 
 Layouts: ImageFolder (class subfolders -> labels by sorted class name), a flat folder (labels -1),
 or WebDataset shards (``*.tar`` with ``<key>.jpg|jpeg|png`` and optional ``<key>.cls``), which are
-extracted once into the cache and then indexed like files.
+extracted once into the cache and then indexed like files. An ImageFolder val split is labelled
+with the train split's class list (``classes=``): labels are class *names*, so a val/ that lacks a
+class keeps every other label right. WebDataset ``.cls`` integers are used as written.
+
+Images over ``max_pixels`` (default `MAX_PIXELS`, PIL's decompression-bomb threshold) are quarantined
+from their header alone, before anything is decoded.
 
 Fingerprint: sha256 over (relative path, label, sha256 of the file's bytes) of every indexed sample,
 plus the class names. Content hashes (not mtimes) so a copied dataset keeps its fingerprint and the
@@ -20,6 +25,7 @@ cached, so it costs nothing on later calls.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import io
@@ -46,6 +52,10 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif",
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png")  # preference order when a key has several
 RACY_NS = 2_000_000_000  # files modified this close to the last build are re-hashed (like git's racy-clean)
 CONVERTED_SUFFIX = ".rgb8.jpg"
+# Largest image (width x height) the index accepts: PIL's default decompression-bomb threshold
+# (about 9459 x 9459). A bigger file is quarantined from its header alone, never decoded: a small
+# PNG can expand to gigabytes, and no SSL crop needs that many pixels.
+MAX_PIXELS = 89_478_485
 
 
 def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -148,6 +158,28 @@ def _discover(root: Path, work: Path) -> _Found:
         if e.is_file():
             ignored[Path(e.name).suffix.lower() or "(no extension)"] += 1
     return _Found("imagefolder", cands, classes, ignored)
+
+
+def _label_by_name(found: _Found, classes: list[str], root: Path) -> _Found:
+    """Relabel an ImageFolder split with another split's class list (val with train's): a sample's
+    label is its class folder's *name*'s position in ``classes``, never its position among this
+    split's own folders, so a val/ lacking a class keeps every other label right. A class that
+    ``classes`` lacks cannot be scored and is an error; a class of ``classes`` absent here is fine.
+    Flat folders stay unlabelled and WebDataset ``.cls`` integers stay as written."""
+    if found.kind != "imagefolder":
+        return found
+    position = {name: i for i, name in enumerate(classes)}
+    assert len(position) == len(classes), f"duplicate class names in {classes}"
+    unknown = [name for name in found.classes if name not in position]
+    if unknown:
+        shown = ", ".join(classes[:10]) + (f", ... ({len(classes)} in all)" if len(classes) > 10 else "")
+        raise ValueError(
+            f"{root} has class folder(s) {unknown} that the train split does not have (train classes: "
+            f"{shown or 'none'}); val labels are looked up by class name in train's classes, so every val "
+            f"class folder must also be a train class folder: rename or remove {unknown} in {root}, or add "
+            "them to train/")
+    candidates = [dataclasses.replace(c, label=position[found.classes[c.label]]) for c in found.candidates]
+    return dataclasses.replace(found, candidates=candidates, classes=list(classes))
 
 
 _SAFE_MEMBER = re.compile(r"^[^/\\][^\\]*$")
@@ -274,9 +306,15 @@ def to_rgb8(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _inspect(path: str, converted: str) -> dict:
+def _too_large_reason(w: int, h: int, max_pixels: int) -> str:
+    return (f"image of {w} x {h} pixels exceeds the limit of {max_pixels:,} pixels (decompression-bomb guard); "
+            "downscale it, or raise the limit (build_index(max_pixels=...), default genssl.data.index.MAX_PIXELS)")
+
+
+def _inspect(path: str, converted: str, max_pixels: int) -> dict:
     """Read, hash and strictly decode one file; convert it into ``converted`` when DALI would not
-    read it as is. Returns the cache entry (``status`` ok | converted | bad)."""
+    read it as is. Returns the cache entry (``status`` ok | converted | bad). An image over
+    ``max_pixels`` is rejected from its header (``too_large``, with its size), before decoding."""
     st = os.stat(path)
     entry: dict = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     try:
@@ -291,11 +329,12 @@ def _inspect(path: str, converted: str) -> dict:
     try:
         img = Image.open(io.BytesIO(data))
         fmt = img.format or ""
+        if img.width * img.height > max_pixels:
+            return entry | {"status": "bad", "reason": _too_large_reason(img.width, img.height, max_pixels),
+                            "w": img.width, "h": img.height, "too_large": True}
         img.load()
     except UnidentifiedImageError:
         return entry | {"status": "bad", "reason": "not an image (PIL cannot identify the format)"}
-    except Image.DecompressionBombError as exc:
-        return entry | {"status": "bad", "reason": f"too large to decode safely: {exc}"}
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as exc:
         return entry | {"status": "bad", "reason": f"undecodable or truncated {fmt or 'image'}: {exc}"}
     if fmt == "JPEG" and not _jpeg_has_eoi(data):
@@ -318,10 +357,13 @@ def _inspect(path: str, converted: str) -> dict:
     return entry | {"status": "converted", "reason": f"converted from {why}", "w": rgb.width, "h": rgb.height}
 
 
-def _inspect_strict(path: str, converted: str) -> dict:
-    """`_inspect` with PIL's truncated-image leniency forced off (it is a process-wide flag)."""
+def _inspect_strict(path: str, converted: str, max_pixels: int) -> dict:
+    """`_inspect` with PIL's truncated-image leniency forced off and PIL's own size check off (both
+    process-wide flags): `_inspect` applies ``max_pixels`` itself, so the limit is ours alone and a
+    rejected file gets its size in the reason (PIL's check only warns, or raises before the size is known)."""
     ImageFile.LOAD_TRUNCATED_IMAGES = False
-    return _inspect(path, converted)
+    Image.MAX_IMAGE_PIXELS = None
+    return _inspect(path, converted, max_pixels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,6 +424,13 @@ def _reusable(old: dict | None, st: os.stat_result, path: Path, converted: Path,
     return None
 
 
+def _limit_changed(entry: dict, max_pixels: int) -> bool:
+    """True when a cached entry was judged against another pixel limit than ``max_pixels`` would give
+    (accepted but now too large, or rejected as too large but now within it): it is inspected again."""
+    over = "w" in entry and entry["w"] * entry["h"] > max_pixels
+    return over != entry.get("too_large", False)
+
+
 def _fingerprint(classes: list[str], rows: list[tuple[str, int, str]]) -> str:
     h = hashlib.sha256(json.dumps(classes).encode())
     for rel, label, sha in rows:
@@ -394,27 +443,38 @@ def _fingerprint(classes: list[str], rows: list[tuple[str, int, str]]) -> str:
 
 
 def build_index(folder: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                num_workers: int | None = None) -> DatasetIndex:
+                num_workers: int | None = None, classes: list[str] | None = None,
+                max_pixels: int = MAX_PIXELS) -> DatasetIndex:
     """Validate ``folder`` (once; later calls reuse the cache) and return its index.
 
     ``num_workers`` threads decode in parallel (PIL releases the GIL while decoding); default
-    ``min(os.cpu_count(), 16)``. Quarantined files are summarised in one warning and listed in
-    ``<index cache>/quarantine.json``. Raises ValueError if the folder is missing or nothing usable
-    is left.
+    ``min(os.cpu_count(), 16)``. ``classes`` (a val split: the train index's ``classes``) labels an
+    ImageFolder by class name -> position in ``classes`` instead of by its own folders, and becomes
+    the index's ``classes``; a class folder not in ``classes`` is a ValueError. Images over
+    ``max_pixels`` pixels are quarantined without being decoded. Quarantined files are summarised
+    in one warning and listed in ``<index cache>/quarantine.json``. Raises ValueError if the folder
+    is missing or nothing usable is left.
     """
     root = Path(folder).expanduser()
     if not root.exists():
         raise ValueError(f"dataset folder {root} does not exist; pass an existing folder (ImageFolder, flat, or WebDataset .tar shards) or builtin:shapes")
     root = root.resolve()
     work = index_cache_dir(root, cache_dir)
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive pixel count (default {MAX_PIXELS:,}); got {max_pixels}")
     with _locked(work):
-        return _build_locked(root, work, num_workers)
+        return _build_locked(root, work, num_workers, classes, max_pixels)
 
 
-def _build_locked(root: Path, work: Path, num_workers: int | None) -> DatasetIndex:
+def _build_locked(root: Path, work: Path, num_workers: int | None, classes: list[str] | None,
+                  max_pixels: int) -> DatasetIndex:
+    # The cache holds per-file validation only (labels are derived from the folders on every call),
+    # so one cache serves a folder whatever class list labels it.
     index_path, report_path = work / "index.json", work / "quarantine.json"
     cached = _load_cache(index_path, root)
     found = _discover(root, work)
+    if classes is not None:
+        found = _label_by_name(found, classes, root)
     old_entries: dict = cached["entries"]
     entries: dict[str, dict] = {}
     todo: list[_Candidate] = []
@@ -427,23 +487,23 @@ def _build_locked(root: Path, work: Path, num_workers: int | None) -> DatasetInd
             entries[c.rel] = {"status": "bad", "reason": f"cannot stat: {exc}", "size": -1, "mtime_ns": -1, "sha256": ""}
             continue
         hit = _reusable(old_entries.get(c.rel), st, c.path, conv, cached["built_ns"])
-        if hit is not None:
+        if hit is not None and not _limit_changed(hit, max_pixels):
             entries[c.rel] = hit
             newest_ns = max(newest_ns, st.st_mtime_ns)
         else:
             todo.append(c)
     if todo:
         workers = max(1, num_workers if num_workers is not None else min(os.cpu_count() or 1, 16))
-        args = [(str(c.path), str(work / "converted" / (c.rel + CONVERTED_SUFFIX))) for c in todo]
-        lenient = ImageFile.LOAD_TRUNCATED_IMAGES
+        args = [(str(c.path), str(work / "converted" / (c.rel + CONVERTED_SUFFIX)), max_pixels) for c in todo]
+        lenient, pil_limit = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
         try:
             if workers == 1 or len(todo) < 32:
                 results = [_inspect_strict(*a) for a in args]
             else:
                 with ThreadPoolExecutor(workers) as pool:
                     results = list(pool.map(lambda a: _inspect_strict(*a), args))
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = lenient  # PIL's flag is process-wide: give it back
+        finally:  # PIL's flags are process-wide: give them back
+            ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = lenient, pil_limit
         for c, r in zip(todo, results):
             entries[c.rel] = r
     pre = [list(q) for q in found.quarantine]

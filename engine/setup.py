@@ -24,7 +24,8 @@ def load_data(spec: str, cache_dir: str, dist: DistInfo) -> Data:
     def build() -> Data:
         splits = resolve_data(spec, cache)
         train = build_index(splits.train, cache)
-        val = build_index(splits.val, cache) if splits.val is not None else None
+        # val is labelled by class name with train's classes: a val/ lacking a class must not shift the rest
+        val = build_index(splits.val, cache, classes=train.classes or None) if splits.val is not None else None
         return Data(train, val)
 
     if dist.is_main:

@@ -70,6 +70,20 @@ def corpus(tmp_path: Path) -> tuple[Path, dict[str, str]]:
 
 
 @pytest.fixture()
+def within_normalised_range():
+    """``within_normalised_range(x [B, 3, h, w], mean, std) -> bool``: every value lies in what
+    ``(pixel / 255 - mean) / std`` can give for 8-bit pixels, per channel: a bound derived
+    from the normalisation rather than a loose ``-3 < x < 3``."""
+    import torch
+
+    def check(x, mean, std, slack: float = 1e-4) -> bool:
+        m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+        return bool(((x >= -m / s - slack) & (x <= (1 - m) / s + slack)).all())
+
+    return check
+
+
+@pytest.fixture()
 def make_image():
     """``make_image(seed, fmt='JPEG', h=40, w=48) -> bytes``."""
     return lambda seed, fmt="JPEG", h=40, w=48: encode(Image.fromarray(rgb_array(seed, h, w)), fmt)
@@ -85,4 +99,5 @@ def shapes(cache: Path) -> tuple[DatasetIndex, DatasetIndex]:
     """Tiny built-in set: 12 classes x 4 train / x 2 val, 32 px."""
     splits = resolve_data("builtin:shapes?size=32&per_class=4&val_per_class=2", cache_dir=cache)
     assert splits.val is not None
-    return build_index(splits.train, cache_dir=cache), build_index(splits.val, cache_dir=cache)
+    train = build_index(splits.train, cache_dir=cache)
+    return train, build_index(splits.val, cache_dir=cache, classes=train.classes)

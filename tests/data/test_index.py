@@ -180,3 +180,42 @@ def test_strict_even_when_pil_is_lenient(tmp_path, make_image, monkeypatch):
     ix = build_index(root, cache_dir=tmp_path / "c")
     assert ix.source_paths == ["ok.jpg"] and [q[0] for q in ix.quarantine] == ["cut.jpg"]
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
+def test_image_over_the_default_pixel_limit_is_quarantined_undecoded(tmp_path, make_image, monkeypatch):
+    """A real 12,000 x 12,000 PNG (144 M pixels; 1-bit black, so about 20 MB in memory and a tiny
+    file) is over PIL's 89.5 M default, under PIL's own hard error: before the guard it was decoded
+    in full and kept with only a warning."""
+    from PIL import ImageFile
+
+    root = tmp_path / "flat"
+    root.mkdir()
+    Image.new("1", (12_000, 12_000)).save(root / "bomb.png")
+    (root / "ok.jpg").write_bytes(make_image(0))
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda img: (decoded.append(img.size), real_load(img))[1])
+    ix = build_index(root, cache_dir=tmp_path / "c")
+    assert ix.source_paths == ["ok.jpg"] and decoded == [(48, 40)]
+    assert dict(ix.quarantine) == {"bomb.png": (
+        "image of 12000 x 12000 pixels exceeds the limit of 89,478,485 pixels (decompression-bomb guard); "
+        "downscale it, or raise the limit (build_index(max_pixels=...), default genssl.data.index.MAX_PIXELS)")}
+    assert json.loads(ix.report.read_text())["files"] == [{"path": "bomb.png", "reason": dict(ix.quarantine)["bomb.png"]}]
+    assert Image.MAX_IMAGE_PIXELS == index_mod.MAX_PIXELS  # PIL's process-wide check is given back
+
+
+def test_pixel_limit_option_and_cache(tmp_path, make_image):
+    """``max_pixels`` moves the limit; a cached verdict made under another limit is redone."""
+    root = tmp_path / "flat"
+    root.mkdir()
+    (root / "small.jpg").write_bytes(make_image(0, h=10, w=10))  # 100 pixels
+    (root / "big.png").write_bytes(make_image(1, "PNG", h=20, w=30))  # 600 pixels
+    low = build_index(root, cache_dir=tmp_path / "c", max_pixels=599)
+    assert low.source_paths == ["small.jpg"]
+    assert dict(low.quarantine)["big.png"].startswith("image of 30 x 20 pixels exceeds the limit of 599 pixels")
+    high = build_index(root, cache_dir=tmp_path / "c", max_pixels=600)
+    assert high.source_paths == ["big.png", "small.jpg"] and high.quarantine == []
+    lower = build_index(root, cache_dir=tmp_path / "c", max_pixels=100)
+    assert lower.source_paths == ["small.jpg"] and [q[0] for q in lower.quarantine] == ["big.png"]
+    with pytest.raises(ValueError, match="max_pixels must be a positive pixel count"):
+        build_index(root, cache_dir=tmp_path / "c", max_pixels=0)

@@ -59,7 +59,7 @@ def test_launcher_flags_are_tolerated(tmp_path) -> None:
     (["precision=fp8"], "choose one of: fp32, bf16, fp16"),
     (["zero_stage=4"], "zero_stage=4 is not valid; choose one of: 0, 1, 2, 3"),
     (["epochs=ten"], "epochs='ten': expected an integer"),
-    (["preset=huge"], "choose one of: cifar, imagenet, smoke"),
+    (["preset=huge"], "choose one of: cifar, cpu, imagenet, smoke"),
     (["crops.global_scale=0.5"], "expected 2 comma-separated values"),
     (["optim=3"], "'optim' is a section"),
     (["epochs"], "write settings as key=value"),

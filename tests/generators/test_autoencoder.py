@@ -33,13 +33,18 @@ def test_roundtrip_shapes_and_uint8():
     z = encode(ae, x)
     assert downsample_factor(ae) == 2 and z.shape == (6, 4, 8, 8)
     y = decode(ae, z)
-    assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
+    assert y.shape == x.shape
+    with torch.no_grad():  # the scaled latents decode to what the raw posterior mean decodes to, clamped
+        raw = ae.decode(ae.encode(x).latent_dist.mode()).sample
+    torch.testing.assert_close(y, raw.clamp(-1, 1))
     u = to_uint8(y)
     assert u.shape == (6, 16, 16, 3) and u.dtype == torch.uint8
     torch.testing.assert_close(from_uint8(u), y, atol=1 / 127.5, rtol=0)
     sf = set_scaling_factor(ae, x)
     assert ae.config.scaling_factor == pytest.approx(sf)
     assert encode(ae, x).std() == pytest.approx(1.0, rel=1e-3)
+    assert sf != pytest.approx(1.0, rel=0.05)  # so the next line checks that decode undoes encode's scaling
+    torch.testing.assert_close(decode(ae, encode(ae, x)), raw.clamp(-1, 1), atol=1e-5, rtol=1e-5)
 
 
 def test_autoencoder_loss_falls():
@@ -53,7 +58,14 @@ def test_autoencoder_loss_falls():
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-        assert parts["kl"] >= 0
+    # KL to N(0, I) summed over latent elements, averaged over the batch; loss = rec + kl_weight * KL
+    with torch.no_grad():
+        post = ae.encode(x).latent_dist
+        kl = 0.5 * (post.mean**2 + post.var - 1 - post.logvar).sum(dim=(1, 2, 3)).mean()
+        rec = (ae.decode(post.sample(generator=torch.Generator().manual_seed(0))).sample - x).abs().mean()
+        loss, parts = autoencoder_loss(ae, x, generator=torch.Generator().manual_seed(0), return_parts=True)
+    assert parts["kl"] == pytest.approx(float(kl), rel=1e-5) and parts["rec"] == pytest.approx(float(rec), rel=1e-5)
+    assert float(loss) == pytest.approx(parts["rec"] + 1e-6 * parts["kl"], rel=1e-6)
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
     with pytest.raises(ValueError, match="l1"):
         autoencoder_loss(ae, x, rec="huber")

@@ -17,12 +17,16 @@ def test_bench_quick_writes_json_and_plot(tmp_path, monkeypatch):
     report = json.loads(path.read_text())
     assert path.name.endswith("-losses-quick.json") and path.with_suffix(".png").stat().st_size > 0
     assert report["kernel_backend"] == "triton-interpreter"
-    assert {r["dtype"] for r in report["results"]} == {"fp32", "bf16"}
+    assert [(r["dtype"], r["M"], r["D"]) for r in report["results"]] == [("fp32", 40, 32), ("bf16", 40, 32)]
+    assert report["bf16_matmul"]["n"] == 256  # the CPU matmul size
     for r in report["results"]:
-        assert r["kernel"]["status"] == "ok" and r["reference"]["status"] == "ok"
-        assert r["kernel"]["fwd_bwd_ms"] > 0 and r["speedup_fwd_bwd"] > 0
+        kernel, reference = r["kernel"], r["reference"]
+        assert kernel["status"] == "ok" and reference["status"] == "ok"
+        # the derived columns are what their names say, from the measured times
+        assert r["speedup_fwd_bwd"] == pytest.approx(reference["fwd_bwd_ms"] / kernel["fwd_bwd_ms"])
+        assert kernel["tflops"] == pytest.approx(8 * 40 * 40 * 32 / (kernel["fwd_bwd_ms"] * 1e-3) / 1e12)
+        assert kernel["frac_of_bf16_matmul"] == pytest.approx(kernel["tflops"] / report["bf16_matmul"]["tflops"])
         assert r["loss_abs_diff"] < (1e-4 if r["dtype"] == "fp32" else 5e-2)
-    assert report["bf16_matmul"]["tflops"] > 0
 
 
 def test_oom_detection():

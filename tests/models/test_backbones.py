@@ -18,10 +18,13 @@ def test_every_backbone_builds_and_has_embed_dim(name: str) -> None:
     vit = name.startswith("vit_")
     model = build_backbone(name, img_size=16, patch_size=8 if vit else None).eval()
     assert model.embed_dim == EXPECTED_DIM[name]
+    x = torch.randn(2, 3, 16 if vit else 32, 16 if vit else 32)
     with torch.no_grad():
-        out = model(torch.randn(2, 3, 16 if vit else 32, 16 if vit else 32))
+        out, alone = model(x), model(x[1:])
     assert out.shape == (2, model.embed_dim)
-    assert torch.isfinite(out).all()
+    # in eval mode each image's embedding is its own: the same alone as in a batch, and not the other's
+    torch.testing.assert_close(alone, out[1:], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(out[0], out[1], atol=1e-3)
 
 
 def test_vit_dynamic_image_size() -> None:
@@ -43,12 +46,28 @@ def test_vit_default_patch_is_16() -> None:
 def test_rebuild_from_build_kwargs() -> None:
     model = build_backbone("vit_tiny", img_size=32, patch_size=8, drop_path_rate=0.1)
     cfg = json.loads(json.dumps(backbone_config(model)))  # what encoder.json holds
-    assert cfg == {"name": "vit_tiny", "img_size": 32, "patch_size": 8, "drop_path_rate": 0.1}
+    assert cfg == {"name": "vit_tiny", "img_size": 32, "patch_size": 8, "drop_path_rate": 0.1, "stem_stride": 4}
     again = build_backbone(**cfg)
     a, b = model.state_dict(), again.state_dict()
     assert a.keys() == b.keys()
     assert all(a[key].shape == b[key].shape for key in a)
     again.load_state_dict(a)  # strict
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_small_image_stem_keeps_resolution_and_rebuilds(stride: int) -> None:
+    model = build_backbone("resnet18", img_size=32, stem_stride=stride).eval()
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (stride, stride)
+    # 32 px through stem stride s and three stride-2 stages: a (32 / s / 8)² map before pooling.
+    assert model.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 512, 32 // stride // 8, 32 // stride // 8)
+    again = build_backbone(**json.loads(json.dumps(backbone_config(model))))
+    again.load_state_dict(model.state_dict())  # strict: same architecture
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(again.eval()(x), model(x))
+    with pytest.raises(ValueError, match="stem_stride must be 1, 2 or 4"):
+        build_backbone("resnet18", stem_stride=3)
+    with pytest.raises(ValueError, match="only applies to ResNet"):
+        build_backbone("vit_tiny", img_size=32, patch_size=8, stem_stride=2)
 
 
 def test_unknown_name_lists_valid_names() -> None:

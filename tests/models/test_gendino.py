@@ -127,7 +127,10 @@ def test_objective_total_and_single_centre_update():
     torch.testing.assert_close(terms["loss_dino"], l_dino, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(terms["loss_dis"], l_dis, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss, l_dino + lam * l_dis, rtol=1e-5, atol=1e-6)
-    # one update, from the G global crops' teacher outputs only (not the partner or mixed logits)
+    # the centre waits until the engine keeps the step (a skipped step must leave no trace) ...
+    assert torch.equal(obj.loss.center, centre0)
+    obj.step_kept()
+    # ... then one update, from the G global crops' teacher outputs only (not the partner or mixed logits)
     m = CFG.center_momentum
     torch.testing.assert_close(obj.loss.center, m * centre0 + (1 - m) * t_dino.mean(0, keepdim=True),
                                rtol=1e-6, atol=1e-6)
@@ -162,6 +165,7 @@ def test_without_dis_it_is_dino_exactly(gen):
         ld, _ = dino.training_loss(student, (batch["crops"], batch["indices"]), PROGRESS)
         lg, terms = gendino.training_loss(student, batch, PROGRESS)
         assert torch.equal(ld, lg) and torch.equal(terms["loss_dino"], ld.detach()) and "loss_dis" not in terms
+        dino.step_kept(), gendino.step_kept()
         assert torch.equal(dino.loss.center, gendino.loss.center)
     lp, _ = gendino.training_loss(student, (batch["crops"], batch["indices"]), PROGRESS)  # plain DINO batches too
     assert torch.isfinite(lp)

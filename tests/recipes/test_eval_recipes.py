@@ -7,9 +7,7 @@ crops.mean / crops.std are not ImageNet's, as in a run with its own normalisatio
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,20 +21,14 @@ from genssl.engine.export import save_encoder
 from genssl.models.backbones import build_backbone
 from genssl.recipes.eval_knn import EvalKNNConfig, training_normalisation
 from genssl.recipes.eval_linear import EvalLinearConfig
+from genssl.tests.helpers import assert_accuracies, run_recipe
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY_DATA = "builtin:shapes?size=32&per_class=8&val_per_class=4"
 ARGS = [f"data={TINY_DATA}", "eval.size=32", "eval.batch_size=32", "num_workers=1"]
 
 
 def _run(cmd: list[str]) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-6000:]}"
-    return out
+    return run_recipe(cmd, timeout=300)
 
 
 @pytest.mark.slow
@@ -49,6 +41,7 @@ def test_eval_recipes_write_knn_and_linear_and_two_ranks_agree_with_one(tmp_path
     one = json.loads((tmp_path / "eval_knn.json").read_text())
     assert set(one) >= set(RESULT_KEYS) and "reason" not in one
     assert all(one[key] is not None for key in RESULT_KEYS), one
+    assert_accuracies(one, n_test=48)
     assert (one["n_train"], one["n_test"], one["knn_k"], one["linear_epochs"]) == (96, 48, 20, 100)
     assert "k-NN (k=20, T=0.07) top-1" in out and "linear (100 epochs) top-1" in out
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 
@@ -91,7 +92,8 @@ def test_autoencoder_recipe_writes_a_loadable_autoencoder(tmp_path: Path, cache:
     ae = load_pretrained_autoencoder(folder)
     meta = json.loads((folder / "genssl.json").read_text())
     assert type(ae).__name__ == "AutoencoderKL" and meta["hash"] == autoencoder_hash(ae)
-    assert meta["image_size"] == 32 and meta["downsample_factor"] == 4 and meta["scaling_factor"] > 0
+    assert meta["image_size"] == 32 and meta["downsample_factor"] == 4
+    assert ae.config.scaling_factor == pytest.approx(meta["scaling_factor"])  # the stored factor is the one in use
     z = encode(ae, torch.zeros(2, 3, 32, 32))
     assert z.shape == (2, 4, 8, 8) and decode(ae, z).shape == (2, 3, 32, 32)
     steps = [r["step"] for r in _metrics(out)]
@@ -128,8 +130,8 @@ def test_eldm_recipe_two_ranks_trains_saves_and_previews(eldm_run, cache: Path) 
     eldm = load_eldm(out / "eldm")
     assert eldm.model_hash() == gen["eldm_hash"] and eldm.config.embed_dim == 192
     # caches keyed by fingerprint + model hash
-    assert len(list((cache / "generators").glob("embeddings-*.safetensors"))) >= 1
-    assert len(list((cache / "generators").glob("latents-*.safetensors"))) >= 1
+    assert len(list((cache / "generators").glob("embeddings-*.safetensors"))) == 1
+    assert len(list((cache / "generators").glob("latents-*.safetensors"))) == 1
     # preview grids: 3 rows (real, reconstruction, generated) of 8 tiles, upscaled to 64 px
     for name in ("step00000018.png", "final.png"):  # the grid after the last step is final.png
         img = Image.open(out / "samples" / name)
@@ -169,7 +171,10 @@ def test_generate_views_two_ranks_complete_noop_and_resume(eldm_run, cache: Path
     args = (f"eldm={out}", f"data={DATA}", f"out={store}", "views_per_image=1", "interp_per_image=1", "steps=3",
             "batch_size=8", "shard_size=16", "sampler=dpmpp_2m")
     proc = _run(_torchrun(2, "generate_views", *args, f"contact_sheet={tmp_path / 'sheet.png'}"), cache)
-    assert "96/96 sources done" in proc.stdout and (tmp_path / "sheet.png").stat().st_size > 0
+    assert "96/96 sources done" in proc.stdout
+    with Image.open(tmp_path / "sheet.png") as sheet:  # a real image: a grid of 32 px tiles with 2 px gaps
+        width, height = sheet.size
+        assert (width - 2) % 34 == 0 and (height - 2) % 34 == 0 and (width - 2) // 34 >= 2, sheet.size
     assert "view/s" in proc.stderr  # rank 0's progress bar (tqdm: views done, rate, ETA)
 
     fingerprint = build_index(resolve_data(DATA, cache).train, cache).fingerprint
@@ -181,7 +186,7 @@ def test_generate_views_two_ranks_complete_noop_and_resume(eldm_run, cache: Path
     assert np.isclose(alphas[0], [0.2, 0.4, 0.6, 0.8]).any()
     assert reader.attrs["eldm_hash"] == json.loads((out / "eldm" / "generator.json").read_text())["eldm_hash"]
     first = _store_arrays(store)
-    assert first["views"].std() > 0
+    assert not np.array_equal(first["views"][0], first["views"][1]), "two sources got the same view"
 
     # a second run is a no-op: nothing written
     files = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
@@ -214,7 +219,9 @@ def test_bench_generate_quick(tmp_path: Path, cache: Path) -> None:
     assert path.name.endswith("-generate-quick.json")
     res = report["results"]
     assert res["diffusers_eager"]["status"] == "ok" and res["ours_eager"]["status"] == "ok"
-    assert res["ours_eager"]["views_per_s"] > 0 and res["ours_eager"]["speedup_vs_diffusers"] > 0
+    ours, theirs = res["ours_eager"], res["diffusers_eager"]
+    assert ours["views_per_s"] == pytest.approx(report["config"]["batch"] / ours["median_s"])
+    assert ours["speedup_vs_diffusers"] == pytest.approx(theirs["median_s"] / ours["median_s"])
     assert res["ours_eager"]["mean_abs_diff_grey_vs_diffusers"] <= 1.0  # same loop, same seeds, fp32
     assert res["ours_tensorrt"]["status"] == "skipped" and "tensorrt" in res["ours_tensorrt"]["reason"]
     q = report["quality"]

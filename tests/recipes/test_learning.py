@@ -13,26 +13,21 @@ queries (≈ 2.5 points).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from genssl.tests.helpers import run_recipe
+
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 MARGIN = 5.0  # k-NN top-1 points above the random init
 
 
 def test_short_dino_run_beats_random_init(tmp_path: Path) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    cmd = [sys.executable, "recipes/dino.py", "preset=smoke", "data=builtin:shapes?size=32&per_class=40&val_per_class=20",
-           "epochs=12", "eval.linear=false", "ckpt.every_steps=0", "log.progress=false", f"out={tmp_path}"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    run_recipe([sys.executable, "recipes/dino.py", "preset=smoke", "data=builtin:shapes?size=32&per_class=40&val_per_class=20",
+                "epochs=12", "eval.linear=false", "ckpt.every_steps=0", "log.progress=false", f"out={tmp_path}"],
+               timeout=1200, threads=2)
     result = json.loads((tmp_path / "eval.json").read_text())
     trained, floor = result["knn_top1"], result["random_init"]["knn_top1"]
     assert result["n_test"] == 12 * 20

@@ -1,0 +1,36 @@
+"""Shared by the recipe tests: run a recipe as a user would, and check evaluation results."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_recipe(cmd: list[str], timeout: int = 600, threads: int = 1) -> str:
+    """Run ``cmd`` from the repository root in a clean single-process environment; its output.
+
+    Fails the test with the output's tail when the command fails."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-8000:]}"
+    return out
+
+
+def assert_accuracies(result: dict, n_test: int) -> None:
+    """``result`` (an eval.json entry) scored exactly ``n_test`` queries, and every accuracy in it
+    is hits / n_test for a whole number of hits, with top-5 ≥ top-1."""
+    assert result["n_test"] == n_test, (result["n_test"], n_test)
+    for key in ("knn_top1", "knn_top5", "linear_top1", "linear_top5"):
+        if result.get(key) is None:
+            continue
+        hits = result[key] * n_test / 100
+        assert abs(hits - round(hits)) < 1e-3 and 0 <= round(hits) <= n_test, (key, result[key], n_test)
+    for metric in ("knn", "linear"):
+        if result.get(f"{metric}_top1") is not None:
+            assert result[f"{metric}_top5"] >= result[f"{metric}_top1"], metric
