@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
 from genssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
@@ -45,6 +46,45 @@ def eval_splits(train: DatasetIndex, val: DatasetIndex | None, holdout: float, s
     if n_query >= len(order):
         return None
     return subset(train, np.sort(order[n_query:])), subset(train, np.sort(order[:n_query]))
+
+
+@torch.no_grad()
+def calibrate_batchnorm(backbone: nn.Module, train: DatasetIndex, cfg: EvalConfig, dist: DistInfo, num_threads: int,
+                        mean: Sequence[float], std: Sequence[float], max_batches: int = 20) -> nn.Module:
+    """Set every BatchNorm's running statistics to the data's (a plain average over up to
+    ``max_batches`` eval batches of ``train``, all ranks), weights untouched; returns ``backbone``.
+
+    Why: a randomly initialised BatchNorm network evaluates with running mean 0 / variance 1, which
+    does not normalise at all. Any training — even one whose weights never move — replaces them by
+    the data's statistics, and that alone lifts k-NN by several points. The random-init floor gets
+    the same statistics, so a trained encoder is credited only for what its weights learned.
+    """
+    from genssl.data.dali_loader import DaliEvalLoader  # DALI is imported only when data is read
+
+    norms = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return backbone
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches seen
+    was_training = backbone.training
+    backbone.train()
+    device_id = dist.local_rank if dist.device.type == "cuda" else None
+    loader = DaliEvalLoader(train, cfg.size, cfg.batch_size, dist.rank, dist.world_size, device_id=device_id,
+                            num_threads=num_threads, mean=mean, std=std)
+    for i, (images, _, _) in enumerate(loader):
+        if i == max_batches:
+            break
+        backbone(images.to(dist.device))
+    backbone.train(was_training)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for buffer in (m.running_mean, m.running_var):
+                torch.distributed.all_reduce(buffer)
+                buffer /= torch.distributed.get_world_size()
+    return backbone
 
 
 def eval_features(backbone: nn.Module, parts: Sequence[DatasetIndex], cfg: EvalConfig, dist: DistInfo, num_threads: int,

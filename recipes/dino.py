@@ -19,7 +19,7 @@ from genssl.data.augment import MultiCropSpec
 from genssl.engine.config import parse_config, to_dict
 from genssl.engine.distributed import barrier, cleanup, setup_distributed
 from genssl.engine.atomic import write_json_atomic
-from genssl.engine.evaluate import describe, evaluate_encoder
+from genssl.engine.evaluate import calibrate_batchnorm, describe, evaluate_encoder
 from genssl.engine.export import save_encoder
 from genssl.engine.run_config import TrainConfig
 from genssl.engine.setup import load_data, train_loader
@@ -90,13 +90,15 @@ def evaluate(backbone, cfg: DINORecipeConfig, dist, data) -> dict:
 
 
 def evaluate_random_init(cfg: DINORecipeConfig, dist, data) -> dict:
-    """The floor a trained encoder must beat: `evaluate` of the backbone training starts from.
+    """The floor a trained encoder must beat: `evaluate` of the backbone training starts from, its
+    BatchNorm statistics set from the data (`calibrate_batchnorm`: a trained encoder has them too).
 
     Leaves the global RNG as it was, so calling it does not change what a later run draws.
     """
     with torch.random.fork_rng(devices=[]):
-        backbone = initial_student(cfg).backbone
-    return evaluate(backbone.to(dist.device), cfg, dist, data)
+        backbone = initial_student(cfg).backbone.to(dist.device)
+    calibrate_batchnorm(backbone, data.train, cfg.eval, dist, cfg.num_workers, cfg.crops.mean, cfg.crops.std)
+    return evaluate(backbone, cfg, dist, data)
 
 
 def train_dino(cfg: DINORecipeConfig, dist, data, loader, make_objective, deepspeed_config: str | None = None,
