@@ -71,6 +71,16 @@ def extract_features(
     return f[rows], y[rows]
 
 
+def class_count(train_labels: Tensor, test_labels: Tensor, num_classes: int | None) -> int:
+    """``num_classes``, or the count the labels imply when None; ValueError when a label exceeds it."""
+    n_seen = int(max(train_labels.max(), test_labels.max())) + 1
+    if num_classes is None:
+        return n_seen
+    if n_seen > num_classes:
+        raise ValueError(f"labels go up to {n_seen - 1} but num_classes={num_classes}")
+    return num_classes
+
+
 def _all_gather_rows(f: Tensor, y: Tensor, i: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """All-gather rows whose count differs by rank: gather sizes, pad to the max, trim."""
     backend = str(dist.get_backend())
@@ -140,11 +150,7 @@ def knn_classify(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    n_seen = int(max(train_labels.max(), test_labels.max())) + 1
-    if num_classes is None:
-        num_classes = n_seen
-    elif n_seen > num_classes:
-        raise ValueError(f"labels go up to {n_seen - 1} but num_classes={num_classes}")
+    num_classes = class_count(train_labels, test_labels, num_classes)
 
     device = train_feats.device
     train = F.normalize(train_feats.float(), dim=1)  # [N_train, D]

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from genssl.engine.knn import class_count
+
 
 def standardise(train_feats: Tensor, *others: Tensor, eps: float = 1e-6) -> tuple[Tensor, ...]:
     """``(x - mean) / std`` with the per-dimension mean and std of ``train_feats``, applied to all.
@@ -95,11 +97,7 @@ def linear_probe(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
     if epochs < 1 or batch_size < 1 or lr <= 0 or weight_decay < 0:
         raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0, weight_decay >= 0; got epochs={epochs}, "
                          f"batch_size={batch_size}, lr={lr}, weight_decay={weight_decay}")
-    n_seen = int(max(train_labels.max(), test_labels.max())) + 1
-    if num_classes is None:
-        num_classes = n_seen
-    elif n_seen > num_classes:
-        raise ValueError(f"labels go up to {n_seen - 1} but num_classes={num_classes}")
+    num_classes = class_count(train_labels, test_labels, num_classes)
 
     device = train_feats.device
     x, x_test = standardise(train_feats.float(), test_feats.to(device).float())
