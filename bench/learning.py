@@ -33,7 +33,6 @@ import platform
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,19 +41,17 @@ ROWS = ("dino", "gendino", "pgen", "k4")
 TABLES_ANCHOR = "<!-- learning-tables -->"  # docs/LEARNING.md: one table per data set follows it
 
 
-def run_pipeline(out: Path, keys: list[str], log: Path) -> tuple[dict, float]:
-    """One `recipes/dino_gensis.py` run in its own process (as a user runs it); (eval.json, wall s).
+def run_pipeline(out: Path, keys: list[str], log: Path) -> dict:
+    """One `recipes/dino_gensis.py` run in its own process (as a user runs it); its eval.json.
 
     Its stages skip when finished with the same settings, so only what is missing runs."""
     cmd = [sys.executable, str(REPO / "recipes" / "dino_gensis.py"), f"out={out}", "log.progress=false", *keys]
     print("$", " ".join(cmd), flush=True)
-    start = time.perf_counter()
     with open(log, "a") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
-    wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"bench/learning.py: the run failed (exit {proc.returncode}); its output is in {log}")
-    return json.loads((out / "eval.json").read_text()), wall
+    return json.loads((out / "eval.json").read_text())
 
 
 def row(name: str, result: dict | None, wall_s: float | None, note: str = "") -> dict:
@@ -96,23 +93,23 @@ def main() -> None:
     base = out / "base"
     # DINO alone first (its row is final even if a later stage fails); the Gen-SIS stages then skip it.
     # A finished pipeline already in --out/base (e.g. the main job's folder, copied) is reused as is.
-    results, _ = run_pipeline(base, [*common, "gen=off"], log)
+    results = run_pipeline(base, [*common, "gen=off"], log)
     table.append(row("random init", results.get("random_init"), None, "same architecture and seed, untrained"))
     table.append(row("DINO", results["dino"], stage_wall_s(base / "dino"), "stage 1 of the pipeline"))
     reuse = [f"encoder={base / 'dino'}", f"eldm={base / 'eldm'}"]
     if any(r != "dino" for r in rows):
-        results, _ = run_pipeline(base, common, log)
+        results = run_pipeline(base, common, log)
         setting = f"p_gen={results['config']['gendino']['p_gen']}, K={results['config']['generation']['views_per_image']}"
         table.append(row("Gen-DINO", results["gen_dino"], stage_wall_s(base / "gen_dino"), setting))
     if "pgen" in rows:
         other = 0.5 if results["config"]["gendino"]["p_gen"] == 1.0 else 1.0
         variant = out / f"pgen{other}"
-        res, _ = run_pipeline(variant, [*common, *reuse, f"views={base / 'views.zarr'}", f"gendino.p_gen={other}"], log)
+        res = run_pipeline(variant, [*common, *reuse, f"views={base / 'views.zarr'}", f"gendino.p_gen={other}"], log)
         table.append(row("Gen-DINO", res["gen_dino"], stage_wall_s(variant / "gen_dino"),
                          f"p_gen={other}, K={res['config']['generation']['views_per_image']}"))
     if "k4" in rows:
         variant = out / "k4"
-        res, _ = run_pipeline(variant, [*common, *reuse, "generation.views_per_image=4"], log)
+        res = run_pipeline(variant, [*common, *reuse, "generation.views_per_image=4"], log)
         table.append(row("Gen-DINO", res["gen_dino"], stage_wall_s(variant / "gen_dino"),
                          f"p_gen={res['config']['gendino']['p_gen']}, K=4"))
 
