@@ -8,19 +8,23 @@ One row per trained encoder, each with k-NN top-1/top-5 and linear-probe top-1 o
 beside the floor every pretraining must beat: the randomly initialised encoder of the same
 architecture and seed. All rows train for the same number of epochs with the same settings.
 
-Rows (``--rows``, comma-separated; default all):
+Rows (``--rows``, comma-separated; default: dino,gendino,pgen,k4):
   dino      stage 1 of recipes/dino_gensis.py (plain DINO) — and the random-init row
   gendino   Gen-DINO with the recipe's defaults (E-LDM, view store and Gen-DINO trained here)
   pgen      Gen-DINO with the other p_gen (1.0 vs 0.5: the paper's "real + synthetic as an input pair")
   k4        Gen-DINO with K = 4 synthetic views per image instead of 1 (a fresh view each epoch)
+  simclr, mocov2, mocov3, byol, simsiam, barlow, swav
+            the base method of recipes/ssl_methods.py with its ``preset=cpu`` (same backbone, seed and epochs)
 Each Gen-DINO variant reuses the stage-1 encoder and the E-LDM of the ``gendino`` row (same data,
 same seed): only what differs is rerun. Every stage resumes, so rerunning the command finishes
 an interrupted benchmark; a finished pipeline copied to ``--out``/base (say the main job's
 ``runs/gensis``, with the same preset and data) is reused. Wall times are each stage's own
 (training + evaluation, from its stage.json).
 
-Writes ``bench/results/<date>-learning-<device>.json`` (device, versions, command, config, rows with
-wall times) and rewrites the table in docs/LEARNING.md between its markers.
+Writes ``bench/results/<date>-learning-<data>-<device>.json`` (device, versions, command, config,
+rows with wall times) and rewrites the data set's table in docs/LEARNING.md between its markers:
+the latest measurement of every row found in the results of that data set and device, each row
+naming its JSON, so a run of some rows keeps the others' earlier numbers.
 """
 
 from __future__ import annotations
@@ -33,19 +37,24 @@ import platform
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
-ROWS = ("dino", "gendino", "pgen", "k4")
+GENSIS_ROWS = ("dino", "gendino", "pgen", "k4")
+SSL_ROWS = ("simclr", "mocov2", "mocov3", "byol", "simsiam", "barlow", "swav")
+ROWS = GENSIS_ROWS + SSL_ROWS
+METHOD_NAMES = {"simclr": "SimCLR", "mocov2": "MoCo v2", "mocov3": "MoCo v3", "byol": "BYOL", "simsiam": "SimSiam",
+                "barlow": "Barlow Twins", "swav": "SwAV"}
 TABLES_ANCHOR = "<!-- learning-tables -->"  # docs/LEARNING.md: one table per data set follows it
 
 
-def run_pipeline(out: Path, keys: list[str], log: Path) -> dict:
-    """One `recipes/dino_gensis.py` run in its own process (as a user runs it); its eval.json.
+def run_pipeline(out: Path, keys: list[str], log: Path, recipe: str = "dino_gensis.py") -> dict:
+    """One recipe run in its own process (as a user runs it); its eval.json.
 
-    Its stages skip when finished with the same settings, so only what is missing runs."""
-    cmd = [sys.executable, str(REPO / "recipes" / "dino_gensis.py"), f"out={out}", "log.progress=false", *keys]
+    Finished stages and runs skip or resume, so only what is missing runs."""
+    cmd = [sys.executable, str(REPO / "recipes" / recipe), f"out={out}", "log.progress=false", *keys]
     print("$", " ".join(cmd), flush=True)
     with open(log, "a") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
@@ -70,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="ImageFolder with train/ and val/ class folders")
     parser.add_argument("--out", default=str(REPO / "runs" / "learning"))
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    parser.add_argument("--rows", default=",".join(GENSIS_ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     parser.add_argument("--preset", default="cpu", help="recipe preset (cpu: 32 px photos, 2 CPU cores)")
     parser.add_argument("--no-write", action="store_true", help="print only: no results JSON, no docs table")
     parser.add_argument("keys", nargs="*", help="extra key=value settings for every run (e.g. epochs=20)")
@@ -97,7 +106,7 @@ def main() -> None:
     table.append(row("random init", results.get("random_init"), None, "same architecture and seed, untrained"))
     table.append(row("DINO", results["dino"], stage_wall_s(base / "dino"), "stage 1 of the pipeline"))
     reuse = [f"encoder={base / 'dino'}", f"eldm={base / 'eldm'}"]
-    if any(r != "dino" for r in rows):
+    if any(r in GENSIS_ROWS[1:] for r in rows):
         results = run_pipeline(base, common, log)
         setting = f"p_gen={results['config']['gendino']['p_gen']}, K={results['config']['generation']['views_per_image']}"
         table.append(row("Gen-DINO", results["gen_dino"], stage_wall_s(base / "gen_dino"), setting))
@@ -113,6 +122,13 @@ def main() -> None:
         table.append(row("Gen-DINO", res["gen_dino"], stage_wall_s(variant / "gen_dino"),
                          f"p_gen={res['config']['gendino']['p_gen']}, K=4"))
 
+    for method in (r for r in rows if r in SSL_ROWS):
+        variant = out / method
+        started = time.perf_counter()
+        res = run_pipeline(variant, [*common, f"method={method}"], log, recipe="ssl_methods.py")
+        table.append(row(METHOD_NAMES[method], res, time.perf_counter() - started,
+                         "recipes/ssl_methods.py (wall time of this invocation: 0 + evaluation if it had finished before)"))
+
     epochs = results["config"]["epochs"]
     data_name = args.data if builtin else data.name
     print(format_table(table, epochs, data_name))
@@ -124,12 +140,27 @@ def format_table(table: list[dict], epochs: int, data_name: str) -> str:
     def pct(v):
         return f"{v:.2f}" if v is not None else "—"
 
-    lines = [f"| encoder ({epochs} epochs, {data_name}) | k-NN top-1 % | k-NN top-5 % | linear top-1 % | wall time (train + eval) | settings |",
-             "|---|---|---|---|---|---|"]
+    with_source = any("source" in r for r in table)
+    lines = [f"| encoder ({epochs} epochs, {data_name}) | k-NN top-1 % | k-NN top-5 % | linear top-1 % | wall time (train + eval) | settings |"
+             + (" measured in |" if with_source else ""), "|---|---|---|---|---|---|" + ("---|" if with_source else "")]
     for r in table:
         wall = f"{r['wall_s'] / 60:.1f} min" if r["wall_s"] else "—"
-        lines.append(f"| {r['row']} | {pct(r['knn_top1'])} | {pct(r['knn_top5'])} | {pct(r['linear_top1'])} | {wall} | {r['note']} |")
+        source = f" `{r['source']}` |" if with_source else ""
+        lines.append(f"| {r['row']} | {pct(r['knn_top1'])} | {pct(r['knn_top5'])} | {pct(r['linear_top1'])} | {wall} | {r['note']} |{source}")
     return "\n".join(lines)
+
+
+def latest_rows(pattern: str, epochs: int) -> list[dict]:
+    """The latest measurement of every (row, settings) at ``epochs`` in the results files matching
+    ``pattern`` (a later file's row replaces an earlier one), each with its ``source`` file."""
+    rows: dict[tuple[str, str], dict] = {}
+    for path in sorted((REPO / "bench" / "results").glob(pattern), key=lambda p: (p.name[:10], p.stat().st_mtime)):
+        doc = json.loads(path.read_text())
+        if doc.get("epochs") != epochs:
+            continue
+        for r in doc["rows"]:
+            rows[(r["row"], r["note"])] = {**r, "source": str(path.relative_to(REPO))}
+    return list(rows.values())
 
 
 def device() -> str:
@@ -152,12 +183,15 @@ def write_results(table: list[dict], config: dict, epochs: int, data_name: str) 
            "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "python": platform.python_version()},
            "data": data_name, "epochs": epochs, "rows": table, "config": config}
     results = REPO / "bench" / "results" / f"{stamp}-learning-{slug}-{name}.json"
+    results = results.with_name(f"{results.stem}-{int(time.time())}.json") if results.exists() else results
     results.write_text(json.dumps(doc, indent=2) + "\n")
+    merged = latest_rows(f"*-learning-{slug}-{name}*.json", epochs)
     docs = REPO / "docs" / "LEARNING.md"
     text = docs.read_text()
     begin, end = f"<!-- learning-table:{slug}:begin -->", f"<!-- learning-table:{slug}:end -->"
-    body = (f"{begin}\nMeasured {stamp} on {name} (`{results.relative_to(REPO)}`):\n\n"
-            f"{format_table(table, epochs, data_name)}\n{end}")
+    body = (f"{begin}\nLatest measurement of each row on {name}, every row at the same epochs and settings"
+            " (docs/LEARNING.md explains the `cpu` preset):\n\n"
+            f"{format_table(merged, epochs, data_name)}\n{end}")
     if begin in text:
         text = text[:text.index(begin)] + body + text[text.index(end) + len(end):]
     else:

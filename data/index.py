@@ -16,6 +16,14 @@ class keeps every other label right. WebDataset ``.cls`` integers are used as wr
 Images over ``max_pixels`` (default `MAX_PIXELS`, PIL's decompression-bomb threshold) are quarantined
 from their header alone, before anything is decoded.
 
+Symbolic links are followed only while they stay inside the data root (``data_root``, default the
+folder; resolved, so the root itself may be a link): a link to a file or folder elsewhere on the
+machine is quarantined with its target named, because a dataset someone hands over must not make a
+run read (and later train on, generate from, or cache copies of) files outside it. ``external_links=True``
+(or ``GENSSL_FOLLOW_EXTERNAL_LINKS=1`` in the environment, which reaches every recipe) follows them. A
+folder link back to one of its own parents (a loop) and a folder that cannot be listed are
+quarantined too, never walked forever or skipped in silence.
+
 Fingerprint: sha256 over (relative path, label, sha256 of the file's bytes) of every indexed sample,
 plus the class names. Content hashes (not mtimes) so a copied dataset keeps its fingerprint and the
 view store still matches it; the hash is computed while the file is read for validation anyway and
@@ -56,6 +64,8 @@ CONVERTED_SUFFIX = ".rgb8.jpg"
 # (about 9459 x 9459). A bigger file is quarantined from its header alone, never decoded: a small
 # PNG can expand to gigabytes, and no SSL crop needs that many pixels.
 MAX_PIXELS = 89_478_485
+# Set to 1 to follow symbolic links that leave the data root (build_index(external_links=...) default).
+EXTERNAL_LINKS_ENV = "GENSSL_FOLLOW_EXTERNAL_LINKS"
 
 
 def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -111,41 +121,112 @@ def _visible(name: str) -> bool:
     return not name.startswith(".")
 
 
-def _walk_files(top: Path) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if _visible(d))
-        for name in sorted(filenames):
-            if _visible(name):
-                yield Path(dirpath) / name
+@dataclass
+class _Guard:
+    """What discovery may follow: links that resolve inside ``allowed`` (the data root, resolved), or
+    anywhere when ``external``. What it refuses goes to ``quarantine`` as (path relative to ``root``,
+    the indexed folder, reason)."""
+
+    root: Path
+    allowed: Path
+    external: bool
+    quarantine: list[tuple[str, str]] = field(default_factory=list)
+    _refused: set[str] = field(default_factory=set, repr=False)  # a top-level link is met twice (layout, walk)
+
+    def _rel(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def refuses_link(self, path: Path) -> bool:
+        """True (quarantined) when ``path``, a symbolic link, resolves outside the data root."""
+        target = Path(os.path.realpath(path))
+        if self.external or target == self.allowed or self.allowed in target.parents:
+            return False
+        if self._rel(path) in self._refused:
+            return True
+        self._refused.add(self._rel(path))
+        self.quarantine.append((self._rel(path), (
+            f"symbolic link to {target}, outside the data root {self.allowed}: not followed (a dataset must not make "
+            f"a run read files elsewhere); copy the files into the data folder, or set {EXTERNAL_LINKS_ENV}=1 to "
+            "follow links out of it")))
+        return True
+
+    def loop(self, path: Path, target: str) -> None:
+        self.quarantine.append((self._rel(path), f"symbolic link to {target}, one of its own parent folders (a loop): "
+                                                 "not followed; remove the link"))
+
+    def unreadable(self, path: Path, exc: OSError) -> None:
+        self.quarantine.append((self._rel(path), (
+            f"folder cannot be listed ({exc.strerror or exc}): its files are left out; make it readable "
+            "(chmod -R a+rX) or remove it")))
+
+
+def _walk_files(top: Path, guard: _Guard | None = None) -> Iterator[Path]:
+    """Files below ``top`` in sorted order, hidden names skipped, folder links followed. With a
+    ``guard``, links that leave its root, link loops and unlistable folders are quarantined there."""
+
+    def walk(folder: Path, real: str, ancestors: frozenset[str]) -> Iterator[Path]:
+        try:
+            entries = sorted((e for e in os.scandir(folder) if _visible(e.name)), key=lambda e: e.name)
+        except OSError as exc:
+            if guard is not None:
+                guard.unreadable(folder, exc)
+            return
+        subdirs = []
+        for e in entries:
+            path, link = Path(e.path), e.is_symlink()
+            if link and guard is not None and guard.refuses_link(path):
+                continue
+            if e.is_dir():  # follows links
+                subdirs.append((path, os.path.realpath(path) if link else os.path.join(real, e.name)))
+            else:
+                yield path
+        for path, sub_real in subdirs:
+            if sub_real in ancestors:
+                if guard is not None:
+                    guard.loop(path, sub_real)
+                continue
+            yield from walk(path, sub_real, ancestors | {sub_real})
+
+    real_top = os.path.realpath(top)
+    # a class folder's walk starts below the indexed folder, which is its ancestor too
+    ancestors = frozenset([real_top] + ([os.path.realpath(guard.root)] if guard is not None else []))
+    yield from walk(top, real_top, ancestors)
 
 
 def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTS
 
 
-def _discover(root: Path, work: Path) -> _Found:
+def _discover(root: Path, work: Path, guard: _Guard) -> _Found:
     if root.is_file():
         if root.suffix.lower() != ".tar":
             raise ValueError(f"{root} is a file; pass a folder of images (ImageFolder or flat) or a WebDataset .tar shard")
         return _discover_webdataset(root.parent, [root], work)
-    entries = sorted((e for e in os.scandir(root) if _visible(e.name)), key=lambda e: e.name)
+    try:
+        listing = list(os.scandir(root))
+    except OSError as exc:
+        raise ValueError(f"dataset folder {root} cannot be listed ({exc.strerror or exc}); make it readable by this "
+                         "user (chmod -R a+rX), or pass another data=") from None
+    entries = sorted((e for e in listing if _visible(e.name) and not (e.is_symlink() and guard.refuses_link(Path(e.path)))),
+                     key=lambda e: e.name)
     top_images = [Path(e.path) for e in entries if e.is_file() and _is_image(Path(e.name))]
     shards = [Path(e.path) for e in entries if e.is_file() and e.name.lower().endswith(".tar")]
     subdirs = [Path(e.path) for e in entries if e.is_dir()]
     ignored: Counter = Counter()
     if not top_images and not subdirs and shards:
-        return _discover_webdataset(root, shards, work)
+        found = _discover_webdataset(root, shards, work)
+        return dataclasses.replace(found, quarantine=guard.quarantine + found.quarantine)
     if top_images:  # flat folder (recursive), unlabelled
         cands = []
-        for p in _walk_files(root):
+        for p in _walk_files(root, guard):
             if _is_image(p):
                 cands.append(_Candidate(p.relative_to(root).as_posix(), p, -1))
             else:
                 ignored[p.suffix.lower() or "(no extension)"] += 1
-        return _Found("flat", cands, [], ignored)
+        return _Found("flat", cands, [], ignored, guard.quarantine)
     classes, cands = [], []
     for d in subdirs:
-        files = list(_walk_files(d))
+        files = list(_walk_files(d, guard))
         imgs = [p for p in files if _is_image(p)]
         for p in files:
             if not _is_image(p):
@@ -157,7 +238,7 @@ def _discover(root: Path, work: Path) -> _Found:
     for e in entries:
         if e.is_file():
             ignored[Path(e.name).suffix.lower() or "(no extension)"] += 1
-    return _Found("imagefolder", cands, classes, ignored)
+    return _Found("imagefolder", cands, classes, ignored, guard.quarantine)
 
 
 def _label_by_name(found: _Found, classes: list[str], root: Path) -> _Found:
@@ -444,7 +525,8 @@ def _fingerprint(classes: list[str], rows: list[tuple[str, int, str]]) -> str:
 
 def build_index(folder: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
                 num_workers: int | None = None, classes: list[str] | None = None,
-                max_pixels: int = MAX_PIXELS) -> DatasetIndex:
+                max_pixels: int = MAX_PIXELS, external_links: bool | None = None,
+                data_root: str | os.PathLike | None = None) -> DatasetIndex:
     """Validate ``folder`` (once; later calls reuse the cache) and return its index.
 
     ``num_workers`` threads decode in parallel (PIL releases the GIL while decoding); default
@@ -452,27 +534,35 @@ def build_index(folder: str | os.PathLike, cache_dir: str | os.PathLike | None =
     ImageFolder by class name -> position in ``classes`` instead of by its own folders, and becomes
     the index's ``classes``; a class folder not in ``classes`` is a ValueError. Images over
     ``max_pixels`` pixels are quarantined without being decoded. Quarantined files are summarised
-    in one warning and listed in ``<index cache>/quarantine.json``. Raises ValueError if the folder
-    is missing or nothing usable is left.
+    in one warning and listed in ``<index cache>/quarantine.json``. Symbolic links are followed while
+    they resolve inside ``data_root`` (default ``folder``; pass the dataset folder holding train/ and
+    val/ to let a val split link into train/); links out of it are quarantined unless
+    ``external_links`` (default: ``$GENSSL_FOLLOW_EXTERNAL_LINKS`` is 1). Raises ValueError if the
+    folder is missing or unreadable, or nothing usable is left.
     """
     root = Path(folder).expanduser()
     if not root.exists():
         raise ValueError(f"dataset folder {root} does not exist; pass an existing folder (ImageFolder, flat, or WebDataset .tar shards) or builtin:shapes")
     root = root.resolve()
+    link_root = Path(data_root).expanduser().resolve() if data_root is not None else root
+    if link_root != root and link_root not in root.parents:
+        raise ValueError(f"data_root {link_root} does not contain the dataset folder {root}; pass the folder that holds it")
+    if external_links is None:
+        external_links = os.environ.get(EXTERNAL_LINKS_ENV, "") == "1"
     work = index_cache_dir(root, cache_dir)
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be a positive pixel count (default {MAX_PIXELS:,}); got {max_pixels}")
     with _locked(work):
-        return _build_locked(root, work, num_workers, classes, max_pixels)
+        return _build_locked(root, work, num_workers, classes, max_pixels, _Guard(root, link_root, external_links))
 
 
 def _build_locked(root: Path, work: Path, num_workers: int | None, classes: list[str] | None,
-                  max_pixels: int) -> DatasetIndex:
+                  max_pixels: int, guard: _Guard) -> DatasetIndex:
     # The cache holds per-file validation only (labels are derived from the folders on every call),
     # so one cache serves a folder whatever class list labels it.
     index_path, report_path = work / "index.json", work / "quarantine.json"
     cached = _load_cache(index_path, root)
-    found = _discover(root, work)
+    found = _discover(root, work, guard)
     if classes is not None:
         found = _label_by_name(found, classes, root)
     old_entries: dict = cached["entries"]

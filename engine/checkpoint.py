@@ -9,12 +9,21 @@ Layout under ``<run>/checkpoints/``::
 A run killed at any moment leaves either the previous complete checkpoint or the new one, never a
 half-written directory that resume would pick. The run directory is assumed to be on a file system
 every rank sees (the usual multi-node setup); each rank writes its own shard files.
+
+Resume unpickles nothing but tensors, plain values and an allow-list: a checkpoint folder may come
+from someone else, and a full unpickle runs whatever the file names. ``rank*_extra.pt`` holds tensors and plain numbers only (the python and numpy
+RNG states are converted to tensors, `rng_state`) and is read with ``torch.load(weights_only=True)``
+and no allow-list. DeepSpeed reads its own files with ``weights_only=False``; `CheckpointManager.load`
+makes those reads ``weights_only=True`` too, allowing the few DeepSpeed classes its optimizer states
+hold (`_deepspeed_safe_globals`: records rebuilt from their attributes, an enum; no code of the file's).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -40,18 +49,64 @@ def _fsync_tree(path: Path) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and plain numbers (``torch.load(weights_only=True)`` reads
+    them back): python's Mersenne Twister words [625] and numpy's keys [624] as int64 tensors."""
+    version, words, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss_next": gauss_next},
+             "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(int(w) for w in py["words"].tolist()), py["gauss_next"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _deepspeed_safe_globals() -> list:
+    """The DeepSpeed classes its checkpoint files hold (found with
+    ``torch.serialization.get_unsafe_globals_in_checkpoint`` on ZeRO 0-3, fp32 and bf16 checkpoints):
+    the optimizer's loss scaler and the (numel, start) records of its parameter slices, both rebuilt
+    from their attributes, and the ZeRO stage enum."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+class _WeightsOnlyLoads:
+    """A DeepSpeed checkpoint engine whose ``load`` is ``torch.load(weights_only=True)`` with
+    `_deepspeed_safe_globals` allowed; everything else is the wrapped engine's."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def load(self, path, map_location=None):
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _refuse_pickled(path: Path, exc: Exception) -> ValueError:
+    # torch's message is a page long and suggests weights_only=False: name only what was refused
+    found = re.search(r"GLOBAL (\S+)", str(exc))
+    what = f"a pickled {found.group(1)}" if found else "pickled objects"
+    return ValueError(
+        f"{path} holds {what}, which genssl does not unpickle (loading it could run code of the file's); it was "
+        "written by an older genssl or by another program. Start afresh with a new out= (or ckpt.resume=false), or "
+        "resume with the genssl version that wrote it")
 
 
 class CheckpointManager:
@@ -105,8 +160,19 @@ class CheckpointManager:
                 f"checkpoint {self.dir / tag} was written by {saved_world} ranks but this run has "
                 f"{self.dist.world_size}; resume with the same number of ranks, or start afresh with a new out= "
                 "(or ckpt.resume=false)")
-        path, client_state = engine.load_checkpoint(str(self.dir), tag=tag)
+        inner = engine.checkpoint_engine
+        engine.checkpoint_engine = _WeightsOnlyLoads(inner)
+        try:
+            path, client_state = engine.load_checkpoint(str(self.dir), tag=tag)
+        except pickle.UnpicklingError as exc:
+            raise _refuse_pickled(self.dir / tag, exc) from None
+        finally:
+            engine.checkpoint_engine = inner
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
-        rank_state = torch.load(self.dir / tag / f"rank{self.dist.rank:05d}_extra.pt", weights_only=False)
+        extra = self.dir / tag / f"rank{self.dist.rank:05d}_extra.pt"
+        try:
+            rank_state = torch.load(extra, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise _refuse_pickled(extra, exc) from None
         return client_state, rank_state

@@ -348,10 +348,15 @@ def run_identity(cfg, training_only: bool = False) -> dict[str, Any]:
 
 def run_differences(stored: dict | None, cfg, training_only: bool = False) -> list[str]:
     """``'key: stored value there, value now'`` for every setting where ``cfg`` is not the run recorded
-    as ``stored`` (a ``run_identity``); empty when it is the same run."""
+    as ``stored`` (a ``run_identity``); empty when it is the same run.
+
+    A key the record lacks while ``cfg`` leaves it at its default is no difference: the record was
+    written before the key existed, and a new key's default keeps the behaviour it had then."""
     if stored is None:
         return ["the record holds no settings to compare (written by an older genssl)"]
     now = run_identity(cfg, training_only)
+    defaults = run_identity(type(cfg)(), training_only)
+    stored = {**{k: v for k, v in now.items() if k not in stored and k in defaults and v == defaults[k]}, **stored}
 
     def shown(values: dict, key: str) -> str:
         return repr(values[key]) if key in values else "(no such key)"

@@ -41,7 +41,8 @@ def resolve_encoder_path(spec: str | Path) -> Path:
     if not path.is_file():
         raise ValueError(f"encoder={spec}: no {ENCODER_FILE} there; pass a finished run directory or its {ENCODER_FILE}")
     if not path.with_name("encoder.json").is_file():
-        raise ValueError(f"encoder={spec}: encoder.json is missing beside {path.name}; it records the architecture")
+        raise ValueError(f"encoder={spec}: encoder.json is missing beside {path.name}; it records the architecture, "
+                         "so copy it from the run that wrote the encoder (the two files travel together)")
     return path
 
 

@@ -13,13 +13,17 @@ ModelName = Literal["vit_tiny", "vit_small", "vit_base", "resnet18", "resnet50"]
 
 @dataclasses.dataclass
 class OptimConfig:
+    # adamw: DINO, MoCo v3 ViT; sgd (with momentum): MoCo v2, SimSiam; lars: SimCLR, BYOL, Barlow Twins, SwAV
+    name: Literal["adamw", "sgd", "lars"] = "adamw"
     lr: float = 5e-4  # per 256 images; the run uses lr * global_batch / 256 (DINO's linear scaling)
     min_lr: float = 1e-6
     warmup_epochs: float = 10
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     clip_grad: float = 3.0  # global-norm clipping through DeepSpeed; 0 disables
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw
+    momentum: float = 0.9  # sgd, lars
+    lars_eta: float = 0.001  # LARS trust coefficient (engine/lars.py)
     freeze_last_layer_epochs: int = 1  # lr 0 for the head's last layer in the first epochs
 
     def validate(self) -> None:
@@ -27,6 +31,10 @@ class OptimConfig:
             raise ConfigError(f"optim.lr must be > 0 and optim.min_lr >= 0 (got {self.lr}, {self.min_lr})")
         if self.warmup_epochs < 0:
             raise ConfigError(f"optim.warmup_epochs must be >= 0 (got {self.warmup_epochs})")
+        if self.lars_eta <= 0:
+            raise ConfigError(f"optim.lars_eta must be > 0 (got {self.lars_eta})")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"optim.momentum must be in [0, 1) (got {self.momentum})")
         if self.clip_grad < 0:
             raise ConfigError(f"optim.clip_grad must be >= 0 (got {self.clip_grad}); 0 disables clipping")
 

@@ -23,9 +23,11 @@ def load_data(spec: str, cache_dir: str, dist: DistInfo) -> Data:
 
     def build() -> Data:
         splits = resolve_data(spec, cache)
-        train = build_index(splits.train, cache)
+        root = splits.train.parent if splits.val is not None else None  # links from val/ into train/ stay inside
+        train = build_index(splits.train, cache, data_root=root)
         # val is labelled by class name with train's classes: a val/ lacking a class must not shift the rest
-        val = build_index(splits.val, cache, classes=train.classes or None) if splits.val is not None else None
+        val = (build_index(splits.val, cache, classes=train.classes or None, data_root=root)
+               if splits.val is not None else None)
         return Data(train, val)
 
     if dist.is_main:

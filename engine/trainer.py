@@ -28,6 +28,7 @@ from torch import nn
 from genssl.engine.checkpoint import CheckpointManager, rng_state, set_rng_state
 from genssl.engine.config import ConfigError, read_deepspeed_json, run_differences, run_identity, write_config
 from genssl.engine.distributed import DistInfo, any_rank
+from genssl.engine.lars import adapts, apply_lars
 from genssl.engine.metrics import MetricsLogger, peak_memory_gb
 from genssl.engine.run_config import TrainConfig
 from genssl.models.schedules import cosine_schedule
@@ -90,6 +91,9 @@ def deepspeed_config(cfg: TrainConfig, dist: DistInfo, user_config: str | None =
     """
     if cfg.precision == "fp16" and dist.device.type != "cuda":
         raise ConfigError("precision=fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16 path); use precision=bf16 or fp32")
+    if cfg.precision == "fp16" and cfg.optim.name == "lars":
+        raise ConfigError("optim.name=lars does not work with precision=fp16: the trust ratio would see loss-scaled "
+                          "gradients; use precision=bf16 or fp32")
     config = {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": 1,
@@ -110,19 +114,30 @@ def deepspeed_config(cfg: TrainConfig, dist: DistInfo, user_config: str | None =
     return config
 
 
-def param_groups(student: nn.Module, late_params: set[int]) -> list[dict]:
-    """Four groups: {decay, no decay} x {normal, late (frozen in the first epochs)}.
+def param_groups(student: nn.Module, late_params: set[int], fixed_lr_params: set[int] = frozenset()) -> list[dict]:
+    """Groups by {decay, no decay} x {late (frozen in the first epochs)} x {fixed lr (no schedule)}.
 
-    Biases and norm parameters (ndim <= 1) take no weight decay, as in DINO.
+    Biases and norm parameters (ndim <= 1) take no weight decay, as in DINO. Only the combinations
+    that have parameters become groups.
     """
-    groups: dict[tuple[bool, bool], list] = {}
+    groups: dict[tuple[bool, bool, bool], list] = {}
     for name, p in student.named_parameters():
         if not p.requires_grad:
             continue
-        key = (p.ndim > 1 and not name.endswith(".bias"), id(p) in late_params)
+        key = (adapts(name, p), id(p) in late_params, id(p) in fixed_lr_params)
         groups.setdefault(key, []).append(p)
-    return [{"params": ps, "decay": decay, "late": late, "lr": 0.0, "weight_decay": 0.0}
-            for (decay, late), ps in sorted(groups.items())]
+    return [{"params": ps, "decay": decay, "late": late, "fixed": fixed, "lr": 0.0, "weight_decay": 0.0}
+            for (decay, late, fixed), ps in sorted(groups.items())]
+
+
+def build_optimizer(groups: list[dict], cfg: TrainConfig, dist: DistInfo) -> torch.optim.Optimizer:
+    """``optim.name``: AdamW, SGD with momentum, or LARS (SGD with momentum on gradients that
+    `engine.lars.apply_lars` rewrote). All update element-wise, so they stay exact under every ZeRO
+    stage (DeepSpeed hands them flat partitions of the parameters)."""
+    fused = dist.device.type == "cuda"
+    if cfg.optim.name in ("sgd", "lars"):
+        return torch.optim.SGD(groups, lr=0.0, momentum=cfg.optim.momentum, fused=fused)
+    return torch.optim.AdamW(groups, lr=0.0, betas=cfg.optim.betas, fused=fused)
 
 
 class _GradientWatch:
@@ -165,8 +180,13 @@ def _zero_gradients(engine) -> None:
 
 def fit(cfg: TrainConfig, dist: DistInfo, student: nn.Module, objective: nn.Module, loader: Loader,
         run_dir: str | Path, deepspeed_config_file: str | None = None,
-        late_params: Iterable[nn.Parameter] = ()) -> tuple[object, TrainResult]:
-    """Train ``student`` with ``objective`` for ``cfg.epochs`` epochs; returns (engine, result)."""
+        late_params: Iterable[nn.Parameter] = (), fixed_lr_params: Iterable[nn.Parameter] = ()) -> tuple[object, TrainResult]:
+    """Train ``student`` with ``objective`` for ``cfg.epochs`` epochs; returns (engine, result).
+
+    ``late_params`` get lr 0 for the first ``optim.freeze_last_layer_epochs`` epochs (DINO's last
+    layer, SwAV's prototypes); ``fixed_lr_params`` keep the peak lr, with neither warm-up nor decay
+    (SimSiam's predictor).
+    """
     import deepspeed
 
     run_dir = Path(run_dir)
@@ -175,8 +195,8 @@ def fit(cfg: TrainConfig, dist: DistInfo, student: nn.Module, objective: nn.Modu
     if dist.world_size > 1 and has_batchnorm(student):
         student = convert_sync_batchnorm(student, dist.device)  # keeps parameter objects: late_params stay valid
         objective = convert_sync_batchnorm(objective, dist.device)
-    groups = param_groups(student, {id(p) for p in late_params})
-    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=cfg.optim.betas, fused=dist.device.type == "cuda")
+    groups = param_groups(student, {id(p) for p in late_params}, {id(p) for p in fixed_lr_params})
+    optimizer = build_optimizer(groups, cfg, dist)
     student.to(dist.device)
     objective.to(dist.device)
     engine, optimizer, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
@@ -190,7 +210,8 @@ def fit(cfg: TrainConfig, dist: DistInfo, student: nn.Module, objective: nn.Modu
                          "lower batch_size or add images")
     total_steps = cfg.epochs * steps_per_epoch
     global_batch = cfg.batch_size * dist.world_size
-    lr_sched = cosine_schedule(cfg.optim.lr * global_batch / 256, cfg.optim.min_lr, total_steps,
+    peak_lr = cfg.optim.lr * global_batch / 256
+    lr_sched = cosine_schedule(peak_lr, cfg.optim.min_lr, total_steps,
                                warmup_steps=min(total_steps, int(cfg.optim.warmup_epochs * steps_per_epoch)))
     wd_sched = cosine_schedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total_steps)
     momentum_sched = cosine_schedule(cfg.ema.momentum, cfg.ema.momentum_end, total_steps)
@@ -220,6 +241,7 @@ def fit(cfg: TrainConfig, dist: DistInfo, student: nn.Module, objective: nn.Modu
 
     logger = MetricsLogger(run_dir, dist.is_main, total_steps, resume_step=start_step, progress=cfg.log.progress)
     loss_scaled = cfg.precision == "fp16"  # DeepSpeed's loss scaler owns overflow (module docstring)
+    lars = cfg.optim.name == "lars"
     watch = None if loss_scaled else _GradientWatch(engine.module)
 
     def save(step: int) -> None:
@@ -236,8 +258,9 @@ def fit(cfg: TrainConfig, dist: DistInfo, student: nn.Module, objective: nn.Modu
             progress = Progress(global_step, epoch, step_in_epoch, steps_per_epoch, total_steps)
             for group in optimizer.param_groups:
                 frozen = group["late"] and global_step < late_until
-                group["lr"] = 0.0 if frozen else float(lr_sched[global_step])
-                group["weight_decay"] = float(wd_sched[global_step]) if group["decay"] else 0.0
+                group["lr"] = 0.0 if frozen else peak_lr if group["fixed"] else float(lr_sched[global_step])
+                # LARS folds weight decay into the gradient it rewrites (engine/lars.py)
+                group["weight_decay"] = float(wd_sched[global_step]) if group["decay"] and not lars else 0.0
 
             loss, terms = objective.training_loss(engine, batch, progress)
             if not loss_scaled and any_rank(~torch.isfinite(loss.detach()), dist.device):
@@ -254,6 +277,8 @@ def fit(cfg: TrainConfig, dist: DistInfo, student: nn.Module, objective: nn.Modu
                 _zero_gradients(engine)  # the step then changes no weight (lr 0); Adam moments decay once
                 for group in optimizer.param_groups:
                     group["lr"] = 0.0
+            elif lars:
+                apply_lars(engine.module, float(wd_sched[global_step]), cfg.optim.lars_eta)
             engine.step()
             kept = not gradients_bad and engine.was_step_applied()  # False on an fp16 overflow: the scaler skipped it
             if kept:
@@ -322,4 +347,4 @@ def _on_nonfinite(cfg: TrainConfig, dist: DistInfo, what: str, step: int, skippe
     return skipped, consecutive
 
 
-__all__ = ["Progress", "Objective", "TrainResult", "fit", "deepspeed_config", "compute_dtype", "param_groups"]
+__all__ = ["Progress", "Objective", "TrainResult", "fit", "build_optimizer", "deepspeed_config", "compute_dtype", "param_groups"]

@@ -24,7 +24,6 @@ crop 0, then crop 1, …, and the first `n_global` crops are the global ones; `t
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 
@@ -33,6 +32,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from genssl.models.heads import backbone_over_crops
 
 __all__ = [
     "WeightNormLinear",
@@ -161,15 +162,7 @@ class MultiCropWrapper(nn.Module):
 
     def forward(self, crops: Sequence[Tensor] | Tensor) -> Tensor:
         """`crops`: list of [B_i, 3, H_i, W_i] → logits [Σ B_i, out_dim] in crop order."""
-        if isinstance(crops, Tensor):
-            crops = [crops]
-        if len(crops) == 0:
-            raise ValueError("MultiCropWrapper got an empty list of crops")
-        feats = [
-            self.backbone(torch.cat(list(group)))
-            for _, group in itertools.groupby(crops, key=lambda c: tuple(c.shape[-2:]))
-        ]
-        return self.head(torch.cat(feats))
+        return self.head(backbone_over_crops(self.backbone, crops))
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from typing import Literal
 import torch
 
 from genssl.data.augment import MultiCropSpec
+from genssl.engine.cli import run_main
 from genssl.engine.config import ConfigError, parse_config, presets_in_effect, run_identity, to_dict
 from genssl.engine.distributed import DistInfo, barrier, cleanup, setup_distributed
 from genssl.engine.run_config import TrainConfig
@@ -262,4 +263,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

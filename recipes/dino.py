@@ -16,14 +16,13 @@ import dataclasses
 import torch
 
 from genssl.data.augment import MultiCropSpec
-from genssl.engine.config import parse_config, to_dict
-from genssl.engine.distributed import barrier, cleanup, setup_distributed
-from genssl.engine.atomic import write_json_atomic
-from genssl.engine.evaluate import calibrate_batchnorm, describe, evaluate_encoder
-from genssl.engine.export import save_encoder
+from genssl.engine import pretrain
+from genssl.engine.cli import run_main
+from genssl.engine.config import parse_config
+from genssl.engine.distributed import cleanup, setup_distributed
 from genssl.engine.run_config import TrainConfig
 from genssl.engine.setup import load_data, train_loader
-from genssl.engine.trainer import compute_dtype, fit
+from genssl.engine.trainer import compute_dtype
 from genssl.models.objectives import DINOConfig, DINOObjective, build_dino_student
 
 
@@ -83,48 +82,19 @@ def initial_student(cfg: DINORecipeConfig):
     return build_dino_student(cfg.model, cfg.crops.global_size, cfg.patch_size, cfg.dino, cfg.stem_stride)
 
 
-def evaluate(backbone, cfg: DINORecipeConfig, dist, data) -> dict:
-    """k-NN and linear probe (``cfg.eval``) of a frozen backbone, on images normalised as in training."""
-    return evaluate_encoder(backbone, data.train, data.val, cfg.eval, dist, cfg.seed, cfg.num_workers,
-                            cfg.crops.mean, cfg.crops.std)
-
-
 def evaluate_random_init(cfg: DINORecipeConfig, dist, data) -> dict:
-    """The floor a trained encoder must beat: `evaluate` of the backbone training starts from, its
-    BatchNorm statistics set from the data (`calibrate_batchnorm`: a trained encoder has them too).
-
-    Leaves the global RNG as it was, so calling it does not change what a later run draws.
-    """
-    with torch.random.fork_rng(devices=[]):
-        backbone = initial_student(cfg).backbone.to(dist.device)
-    calibrate_batchnorm(backbone, data.train, cfg.eval, dist, cfg.num_workers, cfg.crops.mean, cfg.crops.std)
-    return evaluate(backbone, cfg, dist, data)
+    """The floor a trained encoder must beat (engine/pretrain.evaluate_random_init of `initial_student`)."""
+    return pretrain.evaluate_random_init(lambda: initial_student(cfg), cfg, dist, data)
 
 
 def train_dino(cfg: DINORecipeConfig, dist, data, loader, make_objective, deepspeed_config: str | None = None,
                random_init: dict | None = None) -> dict:
-    """Pretrain with ``make_objective(student)``, export the teacher backbone, evaluate it; every rank calls it.
-
-    Returns `evaluate`'s result (its numbers are None for unlabelled data). ``random_init``, the
-    floor from `evaluate_random_init`, is printed beside it and written into eval.json. Gen-DINO
-    reuses this with its own loader and objective.
-    """
+    """Pretrain with ``make_objective(student)``, export and evaluate the teacher's backbone (DINO's
+    encoder); every rank calls it. Gen-DINO reuses this with its own loader and objective."""
     student = initial_student(cfg)
     objective = make_objective(student)
-    fit(cfg, dist, student, objective, loader, cfg.out, deepspeed_config, late_params=student.head.last_layer_parameters())
-
-    teacher_backbone = objective.teacher.module.backbone
-    result = evaluate(teacher_backbone, cfg, dist, data)
-    if dist.is_main:
-        save_encoder(teacher_backbone, cfg.out, to_dict(cfg), data.train.fingerprint)
-        write_json_atomic(f"{cfg.out}/eval.json", result if random_init is None else {**result, "random_init": random_init})
-        print(f"evaluation on {cfg.data}:")
-        if random_init is not None:
-            print(f"  random init  {describe(random_init)}")
-        print(f"  trained      {describe(result)}")
-        print(f"wrote {cfg.out}/encoder.safetensors and {cfg.out}/eval.json", flush=True)
-    barrier()
-    return result
+    return pretrain.pretrain(cfg, dist, data, loader, student, objective, lambda engine: objective.teacher.module.backbone,
+                             deepspeed_config, random_init, late_params=student.head.last_layer_parameters())
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -140,4 +110,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -18,23 +18,21 @@ and Gen-DINO, also written to ``out/eval.json`` as ``{"random_init": …, "dino"
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
 from pathlib import Path
 from typing import Literal
 
-from genssl.engine.config import ConfigError, parse_config, run_differences, run_identity, to_dict
-from genssl.engine.distributed import DistInfo, barrier, cleanup, setup_distributed
 from genssl.engine.atomic import write_json_atomic
+from genssl.engine.cli import run_main
+from genssl.engine.config import parse_config, to_dict
+from genssl.engine.distributed import DistInfo, cleanup, setup_distributed
+from genssl.engine.pipeline import (print_table, real_synthetic_loader, run_stage, stage_eldm, stage_views, sub_config,
+                                    supplied_encoder)
 from genssl.engine.setup import Data, load_data, train_loader
 from genssl.engine.trainer import compute_dtype
 from genssl.models.gendino import GenDINOConfig, GenDINOObjective
 from genssl.recipes import dino as dino_recipe
 from genssl.recipes import eldm as eldm_recipe
 from genssl.recipes import generate_views as generation_recipe
-
-STAGE_FILE = "stage.json"
-
 
 @dataclasses.dataclass
 class GenSISConfig(dino_recipe.DINORecipeConfig):
@@ -68,113 +66,33 @@ PRESETS = {
 
 
 def dino_config(cfg: GenSISConfig, out: Path) -> dino_recipe.DINORecipeConfig:
-    keys = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(dino_recipe.DINORecipeConfig)}
-    return dino_recipe.DINORecipeConfig(**{**keys, "out": str(out)})
-
-
-def finished(folder: Path, cfg, dist: DistInfo) -> dict | None:
-    """The stage's recorded result when ``folder`` holds a finished stage of this run, else None.
-
-    "This run" is ``run_identity`` (engine/config.py): keys that cannot change results (out=,
-    logging, workers, checkpoint cadence) do not count, so a moved folder is still recognised.
-    A finished stage of a *different* run is refused: the user chooses a new out= or removes it.
-    """
-    marker = folder / STAGE_FILE
-    if not marker.is_file():
-        return None
-    record = json.loads(marker.read_text())
-    differences = run_differences(record.get("run_identity"), cfg)
-    if differences:
-        raise ConfigError(f"{folder} holds a finished stage made with other settings ({'; '.join(differences)}); "
-                          f"rerun with those to reuse it, or use a new out= (or delete {folder}) to redo it with these")
-    if dist.is_main:
-        print(f"{folder}: finished earlier with these settings; skipped", flush=True)
-    return record
-
-
-def mark_finished(folder: Path, cfg, result, dist: DistInfo, started: float) -> None:
-    """Record the finished stage: its identity, result and wall time since ``started`` (perf_counter)."""
-    if dist.is_main:
-        write_json_atomic(folder / STAGE_FILE, {"run_identity": run_identity(cfg), "result": result,
-                                                "wall_s": round(time.perf_counter() - started, 1)})
-    barrier()
+    return sub_config(dino_recipe.DINORecipeConfig, cfg, out=str(out))
 
 
 def stage_dino(cfg: GenSISConfig, dist: DistInfo, data: Data, ds_config: str | None) -> tuple[Path, dict | None]:
     if cfg.encoder:
-        path = Path(cfg.encoder)
-        eval_file = (path if path.is_dir() else path.parent) / "eval.json"
-        return path, json.loads(eval_file.read_text()) if eval_file.is_file() else None
+        return supplied_encoder(cfg.encoder)
     scfg = dino_config(cfg, Path(cfg.out) / "dino")
-    done = finished(Path(scfg.out), scfg, dist)
-    if done:
-        return Path(scfg.out), done["result"]
-    started = time.perf_counter()
-    result = dino_recipe.train_dino(scfg, dist, data, train_loader(data.train, scfg.crops, scfg, dist),
-                                    dino_recipe.dino_objective(scfg), ds_config)
-    mark_finished(Path(scfg.out), scfg, result, dist, started)
+    result = run_stage(scfg, dist, lambda: dino_recipe.train_dino(
+        scfg, dist, data, train_loader(data.train, scfg.crops, scfg, dist), dino_recipe.dino_objective(scfg), ds_config))
     return Path(scfg.out), result
 
 
-def stage_eldm(cfg: GenSISConfig, dist: DistInfo, encoder: Path, ds_config: str | None) -> Path:
-    if cfg.eldm:
-        return Path(cfg.eldm)
-    ecfg = dataclasses.replace(cfg.generator, data=cfg.data, out=str(Path(cfg.out) / "eldm"), encoder=str(encoder),
-                        seed=cfg.seed, cache_dir=cfg.cache_dir, num_workers=cfg.num_workers, log=cfg.log)
-    # The stage is known by the user's encoder= ("" = stage 1 of this pipeline), not by the path
-    # derived from out=, so a moved or copied pipeline folder is still the same run.
-    stage = dataclasses.replace(ecfg, encoder=cfg.encoder)
-    if not finished(Path(ecfg.out), stage, dist):
-        started = time.perf_counter()
-        eldm_recipe.train_eldm(ecfg, dist, ds_config)
-        mark_finished(Path(ecfg.out), stage, None, dist, started)
-    return Path(ecfg.out)
-
-
-def stage_views(cfg: GenSISConfig, dist: DistInfo, eldm: Path) -> Path:
-    if cfg.views:
-        return Path(cfg.views)
-    gcfg = dataclasses.replace(cfg.generation, eldm=str(eldm), data=cfg.data, out=str(Path(cfg.out) / "views.zarr"),
-                        seed=cfg.seed, cache_dir=cfg.cache_dir, num_workers=cfg.num_workers, progress=cfg.log.progress)
-    generation_recipe.generate(gcfg, dist)  # skips every finished source; refuses a mismatched store
-    return Path(gcfg.out)
-
-
 def stage_gen_dino(cfg: GenSISConfig, dist: DistInfo, data: Data, views: Path, ds_config: str | None) -> dict | None:
-    from genssl.data.gensis_loader import GenSISLoader
-
     scfg = dataclasses.replace(cfg, out=str(Path(cfg.out) / "gen_dino"))
-    done = finished(Path(scfg.out), scfg, dist)
-    if done:
-        return done["result"]
-    started = time.perf_counter()
     interpolation = cfg.gendino.interpolation and cfg.gendino.lambda_dis != 0
-    loader = GenSISLoader(data.train, views, cfg.crops, cfg.batch_size, dist.rank, dist.world_size, cfg.seed,
-                          p_gen=cfg.gendino.p_gen, interpolation=interpolation,
-                          device_id=dist.local_rank if dist.device.type == "cuda" else None,
-                          num_threads=max(1, cfg.num_workers), py_workers=cfg.num_workers if dist.device.type == "cuda" else 0)
     dtype = compute_dtype(cfg.precision)
-    result = dino_recipe.train_dino(scfg, dist, data, loader,
-                                    lambda s: GenDINOObjective(s, cfg.dino, cfg.crops.n_global, cfg.epochs, dtype, cfg.gendino),
-                                    ds_config)
-    mark_finished(Path(scfg.out), scfg, result, dist, started)
-    return result
+
+    def train() -> dict:
+        loader = real_synthetic_loader(cfg, dist, data.train, views, cfg.crops, cfg.gendino.p_gen, interpolation)
+        return dino_recipe.train_dino(
+            scfg, dist, data, loader,
+            lambda s: GenDINOObjective(s, cfg.dino, cfg.crops.n_global, cfg.epochs, dtype, cfg.gendino), ds_config)
+
+    return run_stage(scfg, dist, train)
 
 
 ROW_NAMES = {"random_init": "random init", "dino": "DINO", "gen_dino": "Gen-DINO"}
-
-
-def print_table(results: dict, cfg: GenSISConfig) -> None:
-    """Rows random init / DINO / Gen-DINO; columns k-NN top-1 and top-5, linear top-1 ("-": not measured)."""
-    def cell(r: dict | None, key: str) -> str:
-        value = (r or {}).get(key)  # a stage recorded by an older genssl may lack a key, or be None
-        return f"{value:14.2f}" if value is not None else f"{'-':>14s}"
-
-    print(f"\nafter {cfg.epochs} epochs on {cfg.data}: k-NN k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature:g}; "
-          f"linear probe {cfg.eval.linear_epochs} epochs")
-    print(f"{'method':12s}{'k-NN top-1 %':>14s}{'k-NN top-5 %':>14s}{'linear top-1 %':>16s}")
-    for name, r in results.items():
-        print(f"{ROW_NAMES.get(name, name):12s}{cell(r, 'knn_top1')}{cell(r, 'knn_top5')}  {cell(r, 'linear_top1')}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -188,16 +106,16 @@ def main(argv: list[str] | None = None) -> dict:
     # The floor both methods must beat: DINO and Gen-DINO start from the same seeded random init.
     results = {"random_init": dino_recipe.evaluate_random_init(cfg, dist, data), "dino": dino_result}
     if cfg.gen == "on":
-        eldm = stage_eldm(cfg, dist, encoder, args.deepspeed_config)
-        views = stage_views(cfg, dist, eldm)
+        # no E-LDM is trained for a supplied view store
+        views = stage_views(cfg, dist, None if cfg.views else stage_eldm(cfg, dist, encoder, args.deepspeed_config))
         results["gen_dino"] = stage_gen_dino(cfg, dist, data, views, args.deepspeed_config)
     if dist.is_main:
         write_json_atomic(Path(cfg.out) / "eval.json", {**results, "epochs": cfg.epochs, "config": to_dict(cfg)})
-        print_table(results, cfg)
+        print_table(results, cfg, ROW_NAMES)
         print(f"wrote {Path(cfg.out) / 'eval.json'}", flush=True)
     cleanup()
     return results
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -36,6 +36,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from genssl.engine.cli import run_main
 from genssl.engine.config import ConfigError, parse_config, to_dict
 from genssl.engine.distributed import DistInfo, barrier, cleanup, setup_distributed
 from genssl.engine.run_config import TrainConfig
@@ -307,4 +308,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from genssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from genssl.engine.cli import run_main
 from genssl.engine.config import parse_config
 from genssl.engine.distributed import cleanup, setup_distributed
 from genssl.engine.atomic import write_json_atomic
@@ -76,4 +77,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from genssl.engine.cli import run_main
 from genssl.engine.config import parse_config
 from genssl.engine.run_config import EvalConfig
 from genssl.recipes.eval_knn import EvalKNNConfig, evaluate_saved_encoder
@@ -29,4 +30,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

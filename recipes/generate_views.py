@@ -16,6 +16,12 @@ the E-LDM was trained with (hash checked).
 Every rank writes its own shards (shard s belongs to rank s % world_size); a rerun — after a crash or
 ``kill -9`` — skips finished sources and completes the store; a finished store makes the rerun a
 no-op. A store made from other data or by another generator is refused (the view store's message).
+``pipeline=DIR`` instead of ``eldm=``: a local diffusers image-variation pipeline folder (e.g. Stable
+Diffusion image variations, MixDiff's generator: :mod:`genssl.generators.image_variation`) makes the K
+views of each source from the source image itself (``steps``, ``guidance``, ``batch_size``,
+``precision`` apply; ``image_size=`` the views' side; interpolated views slerp the CLIP image
+embeddings; the quality report needs ``encoder=``, an encoder to judge the views).
+
 ``backend=`` ``eager`` | ``compile`` | ``cudagraphs`` | ``tensorrt``: one that cannot run here fails at
 start, naming those that can. ``contact_sheet=PATH.png`` writes a grid of random sources at the end.
 
@@ -32,11 +38,12 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
 from genssl.data.viewstore import ViewStoreError, open_view_store
+from genssl.engine.cli import run_main
 from genssl.engine.config import ConfigError, parse_config
 from genssl.engine.distributed import DistInfo, barrier, broadcast_object, cleanup, setup_distributed
 from genssl.engine.setup import load_data
@@ -51,7 +58,9 @@ from genssl.recipes.eldm import GENERATOR_FILE, resolve_eldm_dir
 
 @dataclasses.dataclass
 class GenerateConfig:
-    eldm: str = ""  # E-LDM run directory (recipes/eldm.py out=), its eldm/ folder or eldm.safetensors (required)
+    eldm: str = ""  # E-LDM run directory (recipes/eldm.py out=), its eldm/ folder or eldm.safetensors
+    pipeline: str = ""  # instead of eldm=: a local diffusers image-variation pipeline folder (MixDiff)
+    image_size: int = 0  # pipeline= only: side of the views; 0 = the pipeline's own
     data: str = ""  # the images to make views of (their train split); default: the E-LDM's training data
     out: str = "runs/views.zarr"  # the view store
     views_per_image: int = 1  # K
@@ -86,6 +95,8 @@ class GenerateConfig:
             raise ConfigError(f"alphas must lie in (0, 1), got {self.alphas}")
         if self.noise_level < 0:
             raise ConfigError(f"noise_level must be >= 0, got {self.noise_level}")
+        if self.image_size < 0:
+            raise ConfigError(f"image_size must be >= 0 (0: the pipeline's own), got {self.image_size}")
 
 
 PRESETS = {
@@ -128,26 +139,85 @@ def _load_generator(cfg: GenerateConfig, dist: DistInfo):
     return eldm_dir, gen, eldm, ae
 
 
-def generate(cfg: GenerateConfig, dist: DistInfo) -> dict:
-    """Run this rank's part; returns the summed report (on every rank)."""
-    if not cfg.eldm:
-        raise ConfigError("eldm= is required: the out= directory of a recipes/eldm.py run")
+@dataclasses.dataclass
+class _Generator:
+    """What `generate` needs of a generator: the images, the sampler, and the conditions, built only
+    when some source still needs views (``embeddings() -> (embeddings for run_generation, store attrs)``)."""
+
+    index: object  # DatasetIndex
+    sampler: object
+    embeddings: Callable[[], tuple[object, dict]]
+    report_encoder: str  # the encoder that judges the views in the quality report
+    report_input: EncoderInput | None
+
+
+def _eldm_generator(cfg: GenerateConfig, dist: DistInfo) -> _Generator:
     eldm_dir, gen, eldm, ae = _load_generator(cfg, dist)
     data_spec = cfg.data or gen["data"]
-    data = load_data(data_spec, cfg.cache_dir, dist)
-    index = data.train
+    index = load_data(data_spec, cfg.cache_dir, dist).train
     if dist.is_main and gen.get("data_fingerprint") not in (None, index.fingerprint):
         print(f"note: the E-LDM was trained on data {gen.get('data')} with fingerprint {str(gen.get('data_fingerprint'))[:16]}…; "
               f"generating views of {data_spec} (fingerprint {index.fingerprint[:16]}…)", flush=True)
-    dtype = _dtype(cfg.precision, dist.device)
     from genssl.data.index import default_cache_dir
 
     try:  # a backend that cannot run here fails now, with the library's message
         sampler = GuidedSampler(eldm, ae, scheduler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance,
-                                backend=cfg.backend, device=dist.device, dtype=dtype, max_batch=cfg.batch_size,
-                                cache_dir=default_cache_dir(cfg.cache_dir or None) / "trt")
+                                backend=cfg.backend, device=dist.device, dtype=_dtype(cfg.precision, dist.device),
+                                max_batch=cfg.batch_size, cache_dir=default_cache_dir(cfg.cache_dir or None) / "trt")
     except (RuntimeError, ValueError) as e:
         raise GenerationError(str(e)) from None
+
+    def embeddings():
+        spec = EncoderInput.from_dict(gen["encoder"]["input"])
+        embeddings, enc = cached_embeddings(cfg.encoder or gen["encoder"]["path"], index, dist, batch_size=cfg.embed_batch_size,
+                                            num_threads=cfg.num_workers, cache_dir=cfg.cache_dir,
+                                            log=print if dist.is_main else None, input_spec=spec)
+        if enc["sha256"] != gen["encoder"]["sha256"]:
+            raise GenerationError(f"the encoder at {enc['path']} (sha256 {enc['sha256'][:16]}…) is not the one the E-LDM "
+                                  f"was trained with ({gen['encoder']['sha256'][:16]}…); pass encoder= that file")
+        return embeddings, _eldm_attrs(eldm_dir, gen, data_spec, enc)
+
+    return _Generator(index, sampler, embeddings, cfg.encoder or gen["encoder"]["path"],
+                      EncoderInput.from_dict(gen["encoder"]["input"]))
+
+
+def _eldm_attrs(eldm_dir: Path, gen: dict, data_spec: str, enc: dict) -> dict:
+    return {"eldm": str(eldm_dir.resolve()), "eldm_hash": gen.get("eldm_hash"), "data": data_spec,
+            "encoder": {"path": enc["path"], "sha256": enc["sha256"], "input": enc["input"]}}
+
+
+def _pipeline_generator(cfg: GenerateConfig, dist: DistInfo) -> _Generator:
+    """A local diffusers image-variation pipeline conditioned on each source image (MixDiff, docs/METHODS.md §4)."""
+    from genssl.engine.export import load_encoder
+    from genssl.generators.image_variation import ImageVariationSampler
+    from genssl.generators.training import encoder_input
+
+    if not cfg.data:
+        raise ConfigError("pipeline= needs data= (the images to make views of)")
+    index = load_data(cfg.data, cfg.cache_dir, dist).train
+    try:
+        sampler = ImageVariationSampler(cfg.pipeline, steps=cfg.steps, guidance=cfg.guidance, image_size=cfg.image_size,
+                                        device=dist.device, dtype=_dtype(cfg.precision, dist.device), max_batch=cfg.batch_size)
+    except ValueError as e:
+        raise GenerationError(str(e)) from None
+    report_input = None
+    if cfg.report:  # the views are judged by an encoder of the user's: its own preprocessing
+        if not cfg.encoder:
+            raise ConfigError("with pipeline=, the view-quality report needs encoder= (a trained encoder to judge the "
+                              "views, e.g. a recipes/ssl_methods.py run); or pass report=false")
+        report_input = encoder_input(load_encoder(cfg.encoder)[1])
+    attrs = {"pipeline": str(Path(cfg.pipeline).resolve()), "data": cfg.data}
+    return _Generator(index, sampler, lambda: (sampler.embed_sources(index.paths), attrs), cfg.encoder,
+                      report_input)
+
+
+def generate(cfg: GenerateConfig, dist: DistInfo) -> dict:
+    """Run this rank's part; returns the summed report (on every rank)."""
+    if bool(cfg.eldm) == bool(cfg.pipeline):
+        raise ConfigError("name one generator: eldm= (the out= directory of a recipes/eldm.py run) or pipeline= (a local "
+                          "diffusers image-variation pipeline folder)")
+    source = _pipeline_generator(cfg, dist) if cfg.pipeline else _eldm_generator(cfg, dist)
+    index, sampler = source.index, source.sampler
     generator_hash = sampler.generator_hash()
 
     store_path = Path(cfg.out)
@@ -167,23 +237,16 @@ def generate(cfg: GenerateConfig, dist: DistInfo) -> dict:
         def embeddings(idx):
             raise AssertionError("the store is complete: no embedding is needed")
 
-        enc = gen["encoder"]
+        attrs = {}  # a complete store keeps the attributes it was created with
     else:
-        spec = EncoderInput.from_dict(gen["encoder"]["input"])
-        embeddings, enc = cached_embeddings(cfg.encoder or gen["encoder"]["path"], index, dist, batch_size=cfg.embed_batch_size,
-                                            num_threads=cfg.num_workers, cache_dir=cfg.cache_dir,
-                                            log=print if dist.is_main else None, input_spec=spec)
-        if enc["sha256"] != gen["encoder"]["sha256"]:
-            raise GenerationError(f"the encoder at {enc['path']} (sha256 {enc['sha256'][:16]}…) is not the one the E-LDM "
-                                  f"was trained with ({gen['encoder']['sha256'][:16]}…); pass encoder= that file")
+        embeddings, attrs = source.embeddings()
     try:
         report = run_generation(
             store_path, len(index), embeddings, sampler, fingerprint=index.fingerprint, rank=dist.rank,
             world_size=dist.world_size, K=cfg.views_per_image, J=cfg.interp_per_image, base_seed=cfg.seed,
             noise_levels=cfg.noise_level or None, batch_size=cfg.batch_size, alphas=cfg.alphas,
             generator_hash=generator_hash, shard_size=cfg.shard_size, progress=cfg.progress and dist.is_main,
-            extra_attrs={"eldm": str(eldm_dir.resolve()), "eldm_hash": gen.get("eldm_hash"), "data": data_spec,
-                         "encoder": {"path": enc["path"], "sha256": enc["sha256"], "input": enc["input"]}})
+            extra_attrs=attrs)
     except ViewStoreError as e:
         raise GenerationError(str(e)) from None
 
@@ -213,8 +276,8 @@ def generate(cfg: GenerateConfig, dist: DistInfo) -> dict:
     if cfg.report:  # every rank: the embedding cache is collective; rank 0 computes the report
         try:
             total["quality"] = store_quality_report(
-                store_path, index, dist, encoder=cfg.encoder or gen["encoder"]["path"],
-                input_spec=EncoderInput.from_dict(gen["encoder"]["input"]), n_sources=cfg.report_sources, seed=cfg.seed,
+                store_path, index, dist, encoder=source.report_encoder, input_spec=source.report_input,
+                n_sources=cfg.report_sources, seed=cfg.seed,
                 batch_size=cfg.embed_batch_size, num_threads=cfg.num_workers, cache_dir=cfg.cache_dir,
                 log=print if dist.is_main else None)
         except ValueError as e:
@@ -239,4 +302,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

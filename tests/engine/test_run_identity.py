@@ -17,8 +17,9 @@ import yaml
 
 from genssl.engine.config import ConfigError, parse_config, run_differences, run_identity
 from genssl.engine.distributed import DistInfo
+from genssl.engine.pipeline import finished, mark_finished
 from genssl.recipes import dino_gensis
-from genssl.recipes.dino_gensis import GenSISConfig, finished, mark_finished
+from genssl.recipes.dino_gensis import GenSISConfig
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 DIST_TRAIN = str(Path(__file__).with_name("dist_train.py"))
@@ -48,6 +49,14 @@ def test_every_other_key_makes_another_run_and_is_named(change) -> None:
     key, value = change.split("=")
     differences = run_differences(run_identity(gensis()), gensis(change))
     assert len(differences) == 1 and differences[0].startswith(f"{key}: ") and differences[0].endswith(" now")
+
+
+def test_a_record_older_than_a_key_matches_while_the_key_keeps_its_default() -> None:
+    """A run recorded before ``optim.lars_eta`` existed resumes under the new code while the key keeps
+    its default (the behaviour the old code had); set to anything else it is another run."""
+    stored = {k: v for k, v in run_identity(gensis()).items() if k != "optim.lars_eta"}
+    assert run_differences(stored, gensis()) == []
+    assert run_differences(stored, gensis("optim.lars_eta=0.01")) == ["optim.lars_eta: (no such key) there, 0.01 now"]
 
 
 def test_evaluation_settings_do_not_count_for_a_checkpoint() -> None:

@@ -83,6 +83,20 @@ def test_two_ranks_zero_stage_matches_single_process(reference: Path, tmp_path: 
         assert abs(ref[step] - got[step]) < TOL, (step, ref[step], got[step])
 
 
+def test_lars_two_ranks_zero3_matches_single_process(tmp_path: Path) -> None:
+    """LARS rewrites each parameter's full gradient between backward and step (engine/lars.py): under
+    ZeRO-3 on 2 ranks (gathered, partitioned gradients) it must equal the 1-rank run without ZeRO."""
+    keys = ["epochs=1", "optim.name=lars", "optim.lr=2.0", "optim.weight_decay=1e-3", "optim.weight_decay_end=1e-3"]
+    single, double = tmp_path / "single", tmp_path / "double"
+    _run([sys.executable, SCRIPT, f"out={single}", "batch_size=4", "zero_stage=0", *keys])
+    _run(_torchrun(2, f"out={double}", "batch_size=2", "zero_stage=3", *keys))
+    ref, got = _losses(single), _losses(double)
+    assert ref.keys() == got.keys() and len(ref) == 12
+    for step in ref:
+        assert abs(ref[step] - got[step]) < TOL, (step, ref[step], got[step])
+    _assert_same_teacher(_teacher(single), _teacher(double))
+
+
 def test_two_ranks_batchnorm_backbone_matches_single_process(tmp_path: Path) -> None:
     """BatchNorm is synchronised across ranks (SyncBatchNorm, as DINO): with per-rank statistics a
     2-rank ResNet would normalise each half batch on its own and its losses would drift from the
