@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from genssl.generators.autoencoder import decode, downsample_factor, to_uint8
-from genssl.generators.conditioning import noise_condition
+from genssl.generators.conditioning import EmbeddingStats, noise_condition
 from genssl.generators.eldm import guided_eps
 
 __all__ = ["SCHEDULERS", "GuidedSampler", "guided_eps", "view_seed", "make_scheduler"]
@@ -82,11 +82,15 @@ class GuidedSampler:
             ``(latents, t, cond_tokens, uncond_tokens, w)`` signature.
         device, dtype: where/in what the UNet step runs (the scheduler arithmetic stays float32).
         max_batch: rows per UNet call (larger calls are split; the job keeps its calls ≤ this).
+        condition_stats: the data set's :class:`~genssl.generators.conditioning.EmbeddingStats` (per-dimension
+            mean/std of its embeddings), which GenView's condition noise standardises with (METHODS §2.2);
+            required when a noise level > 0 is asked for.
     """
 
     def __init__(self, eldm, autoencoder=None, scheduler: str = "ddim", steps: int = 50,
                  guidance: float = 2.0, backend="eager", device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32, max_batch: int = 16, **backend_kw):
+                 dtype: torch.dtype = torch.float32, max_batch: int = 16,
+                 condition_stats: EmbeddingStats | None = None, **backend_kw):
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         if int(steps) < 1:
@@ -97,6 +101,7 @@ class GuidedSampler:
         self.steps = int(steps)
         self.guidance = float(guidance)
         self.max_batch = int(max_batch)
+        self.condition_stats = condition_stats  # the data set's embedding statistics; needed for levels > 0
         self.device = torch.device(device or next(eldm.parameters()).device)
         self.dtype = dtype
         c = eldm.config
@@ -156,7 +161,7 @@ class GuidedSampler:
             raise ValueError(f"{len(seeds)} seeds for {B} embeddings")
         levels = (np.zeros(B, np.int64) if noise_levels is None
                   else np.broadcast_to(np.asarray(noise_levels, dtype=np.int64).reshape(-1), (B,)).copy())
-        e = noise_condition(e, torch.from_numpy(levels), self.eldm.alphas_cumprod,
+        e = noise_condition(e, torch.from_numpy(levels), self.condition_stats,
                             generator=_row_generators(seeds, stream=0))
         p = next(self.eldm.parameters())
         cond = self.eldm.condition(e.to(p.device)).to(self.device, torch.float32)

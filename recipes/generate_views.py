@@ -50,6 +50,7 @@ from genssl.engine.setup import load_data
 from genssl.generators.autoencoder import autoencoder_hash, load_pretrained_autoencoder
 from genssl.generators.eldm import load_eldm
 from genssl.generators.job import DEFAULT_ALPHAS, contact_sheet, run_generation
+from genssl.generators.conditioning import EmbeddingStats
 from genssl.generators.samplers import GuidedSampler
 from genssl.generators.training import EncoderInput, cached_embeddings
 from genssl.generators.view_quality import format_report, store_quality_report
@@ -175,6 +176,8 @@ def _eldm_generator(cfg: GenerateConfig, dist: DistInfo) -> _Generator:
         if enc["sha256"] != gen["encoder"]["sha256"]:
             raise GenerationError(f"the encoder at {enc['path']} (sha256 {enc['sha256'][:16]}…) is not the one the E-LDM "
                                   f"was trained with ({gen['encoder']['sha256'][:16]}…); pass encoder= that file")
+        # GenView's condition noise standardises with the data set's embedding statistics (METHODS §2.2)
+        sampler.condition_stats = EmbeddingStats.from_embeddings(embeddings)
         return embeddings, _eldm_attrs(eldm_dir, gen, data_spec, enc)
 
     return _Generator(index, sampler, embeddings, cfg.encoder or gen["encoder"]["path"],

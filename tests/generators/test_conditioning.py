@@ -1,14 +1,13 @@
-"""slerp (α the weight on e1), GenView noise on the condition, foreground noise levels."""
+"""slerp (α the weight on e1); GenView/unCLIP noise on the condition (docs/METHODS.md §2.2)."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
-from genssl.generators.conditioning import foreground_noise_level, noise_condition, slerp
+from genssl.generators.conditioning import EmbeddingStats, noise_condition, slerp, squaredcos_alphas_cumprod
 
 
 def _unit(*shape, seed=0):
@@ -50,30 +49,92 @@ def test_slerp_stable_for_tiny_angles():
     assert torch.isfinite(x.grad).all()
 
 
-def test_noise_condition():
-    ddpm_ac = torch.cumprod(1 - torch.linspace(1e-4, 2e-2, 1000), 0)
-    e = _unit(4, 8, seed=5)
-    out = noise_condition(e, torch.tensor([0, 100, 0, 400]), ddpm_ac, generator=torch.Generator().manual_seed(0))
-    assert out.shape == e.shape
-    torch.testing.assert_close(out[0], e[0], atol=0, rtol=0)          # level 0: unchanged
-    torch.testing.assert_close(out[2], e[2], atol=0, rtol=0)
-    assert not torch.allclose(out[1], e[1])
-    # formula with the same ε
+def _clip_like(n, dim, seed):
+    """Unit-norm embeddings with a large shared direction and uneven per-dimension spread, as real
+    encoder embeddings are (the case where noising the raw unit vector destroys it)."""
+    g = torch.Generator().manual_seed(seed)
+    common = torch.randn(dim, generator=g) * 2.0
+    scale = torch.rand(dim, generator=g) * 1.5 + 0.1
+    return torch.nn.functional.normalize(common + scale * torch.randn(n, dim, generator=g), dim=-1)
+
+
+def test_squaredcos_schedule_equals_diffusers():
+    from diffusers import DDPMScheduler
+
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").alphas_cumprod
+    ours = squaredcos_alphas_cumprod()
+    assert ours.shape == (1000,) and ours.dtype == torch.float64
+    torch.testing.assert_close(ours.float(), ref, atol=2e-6, rtol=0)
+    assert abs(float(ours[400].sqrt()) - 0.8037) < 1e-3
+
+
+def test_embedding_stats():
+    e = _clip_like(300, 24, seed=1).double()
+    st = EmbeddingStats.from_embeddings(e.numpy())
+    torch.testing.assert_close(st.mean, e.mean(0))
+    torch.testing.assert_close(st.std, e.std(0))
+    z = st.standardise(e)
+    torch.testing.assert_close(z.mean(0), torch.zeros(24, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(st.unstandardise(z), e)
+    again = EmbeddingStats.from_state_dict(st.state_dict())
+    torch.testing.assert_close(again.std, st.std)
+    with pytest.raises(ValueError, match="at least 2"):
+        EmbeddingStats.from_embeddings(e[:1])
+    with pytest.raises(ValueError, match="std must be > 0"):
+        EmbeddingStats(torch.zeros(3), torch.tensor([1.0, 0.0, 1.0]))
+
+
+def test_noised_standardised_cosine_follows_sqrt_alpha_bar():
+    """The issue's test: mean cos(ê, ê_l) over the data set ≈ √ᾱ_l (≈ 0.80 at l = 400); level 0 = identity."""
+    e = _clip_like(512, 384, seed=2)
+    st = EmbeddingStats.from_embeddings(e)
+    ac = squaredcos_alphas_cumprod()
+    g = torch.Generator().manual_seed(0)
+    for level in (100, 200, 300, 400, 600):
+        out = noise_condition(e, level, st, generator=g)
+        assert out.shape == e.shape and out.dtype == e.dtype
+        cos = torch.nn.functional.cosine_similarity(st.standardise(e.double()), st.standardise(out.double()), dim=1)
+        assert abs(float(cos.mean()) - float(ac[level].sqrt())) < 0.01, (level, float(cos.mean()))
+    assert abs(float(ac[400].sqrt()) - 0.80) < 0.01
+    torch.testing.assert_close(noise_condition(e, 0, st, generator=g), e, atol=0, rtol=0)
+    torch.testing.assert_close(noise_condition(e, 0, None), e, atol=0, rtol=0)  # level 0 needs no statistics
+    # The form this replaces (ε added to the unit vector itself) fails the same check: cos ≈ 0.15 at l = 100.
+    a = ac[100]
+    naive = a.sqrt() * e + (1 - a).sqrt() * torch.randn(e.shape, generator=g)
+    assert float(torch.nn.functional.cosine_similarity(e.double(), naive.double(), dim=1).mean()) < 0.3
+
+
+def test_noise_condition_formula_and_per_row_generators():
+    e = _clip_like(4, 8, seed=5)
+    st = EmbeddingStats.from_embeddings(_clip_like(50, 8, seed=6))
+    levels = [0, 100, 0, 400]
     gens = [torch.Generator().manual_seed(10 + b) for b in range(4)]
-    eps = torch.stack([torch.randn(8, generator=torch.Generator().manual_seed(10 + b)) for b in range(4)])
-    out2 = noise_condition(e, [0, 100, 0, 400], ddpm_ac, generator=gens)
-    a = ddpm_ac[400]
-    torch.testing.assert_close(out2[3], a.sqrt() * e[3] + (1 - a).sqrt() * eps[3], atol=1e-6, rtol=0)
-    # per-row generators: a row does not depend on the others
-    alone = noise_condition(e[3:], [400], ddpm_ac, generator=[torch.Generator().manual_seed(13)])
-    torch.testing.assert_close(alone[0], out2[3], atol=0, rtol=0)
-    with pytest.raises(ValueError, match="levels"):
-        noise_condition(e, 1000, ddpm_ac)
+    out = noise_condition(e, levels, st, generator=gens)
+    torch.testing.assert_close(out[0], e[0], atol=0, rtol=0)
+    torch.testing.assert_close(out[2], e[2], atol=0, rtol=0)
+    eps = torch.stack([torch.randn(8, generator=torch.Generator().manual_seed(10 + b)) for b in range(4)]).double()
+    a = squaredcos_alphas_cumprod()[400]
+    want = st.std * (a.sqrt() * (e[3].double() - st.mean) / st.std + (1 - a).sqrt() * eps[3]) + st.mean
+    torch.testing.assert_close(out[3].double(), want, atol=1e-6, rtol=0)
+    # per-row generators: a row does not depend on the others; unbatched input works
+    alone = noise_condition(e[3], 400, st, generator=[torch.Generator().manual_seed(13)])
+    torch.testing.assert_close(alone, out[3], atol=0, rtol=0)
+    # a custom schedule is honoured
+    lin = torch.cumprod(1 - torch.linspace(1e-4, 2e-2, 1000), 0)
+    assert not torch.allclose(noise_condition(e, 400, st, generator=torch.Generator().manual_seed(1), alphas_cumprod=lin),
+                              noise_condition(e, 400, st, generator=torch.Generator().manual_seed(1)))
 
 
-def test_foreground_noise_level():
-    ps = [0.0, 0.19, 0.2, 0.39, 0.4, 0.6, 0.79, 0.8, 0.99, 1.0]
-    want = [0, 0, 100, 100, 200, 300, 300, 400, 400, 400]
-    assert [foreground_noise_level(p) for p in ps] == want
-    assert foreground_noise_level(np.array(ps)).tolist() == want
-    assert foreground_noise_level(torch.tensor(ps)).tolist() == want
+def test_noise_condition_errors():
+    e = _clip_like(4, 8, seed=7)
+    st = EmbeddingStats.from_embeddings(_clip_like(20, 8, seed=8))
+    with pytest.raises(ValueError, match="levels must lie"):
+        noise_condition(e, 1000, st)
+    with pytest.raises(ValueError, match="need the data set's EmbeddingStats"):
+        noise_condition(e, 100, None)
+    with pytest.raises(ValueError, match="stats must be the data set's EmbeddingStats"):
+        noise_condition(e, 100, squaredcos_alphas_cumprod())  # the old signature's ᾱ in the stats slot
+    with pytest.raises(ValueError, match="16-d"):
+        noise_condition(_clip_like(2, 16, seed=9), 100, st)
+    with pytest.raises(ValueError, match="3 levels for 4"):
+        noise_condition(e, [0, 1, 2], st)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from genssl.generators.autoencoder import build_autoencoder, tiny_autoencoder_config
+from genssl.generators.conditioning import EmbeddingStats
 from genssl.generators.eldm import ELDM, tiny_eldm_config
 from genssl.generators.samplers import GuidedSampler, make_scheduler, view_seed
 
@@ -26,7 +27,8 @@ def _emb(n, seed=0):
 @pytest.mark.parametrize("scheduler", ["ddim", "dpmpp_2m"])
 def test_schedulers_run_and_are_deterministic(models, scheduler):
     eldm, ae = models
-    s = GuidedSampler(eldm, ae, scheduler=scheduler, steps=4, guidance=2.0)
+    s = GuidedSampler(eldm, ae, scheduler=scheduler, steps=4, guidance=2.0,
+                      condition_stats=EmbeddingStats.from_embeddings(_emb(64, seed=5)))
     assert s.image_size == (16, 16)
     e = _emb(5)
     seeds = [view_seed(7, i, 0) for i in range(5)]

@@ -5,12 +5,11 @@ single-process run on the concatenated batch (see ``global_batch``)."""
 
 from __future__ import annotations
 
-import os
-import traceback
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+
+from genssl.tests import dist_spawn
 
 M_LOCAL = 13
 D = 19
@@ -103,24 +102,6 @@ def scenario_modules(rank: int, world: int) -> dict:
 SCENARIOS = {"kernel": scenario_kernel, "modules": scenario_modules}
 
 
-def worker(rank: int, world: int, init_file: str, out_dir: str, scenario: str) -> None:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        res = SCENARIOS[scenario](rank, world)
-        torch.save(res, Path(out_dir) / f"rank{rank}.pt")
-    except Exception:
-        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
 def spawn(scenario: str, tmp_path: Path, world: int = 2) -> list[dict]:
-    """Run ``scenario`` on ``world`` gloo ranks; return each rank's results."""
-    import torch.multiprocessing as mp
-
-    init_file = tmp_path / "dist_init"
-    mp.spawn(worker, args=(world, str(init_file), str(tmp_path), scenario), nprocs=world, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    """Run ``SCENARIOS[scenario]`` on ``world`` gloo ranks; each rank's results."""
+    return dist_spawn.spawn(__name__, scenario, tmp_path, world)

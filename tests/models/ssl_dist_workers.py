@@ -9,13 +9,12 @@ what the synchronised BN computes across the ranks).
 
 from __future__ import annotations
 
-import os
-import traceback
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from genssl.tests import dist_spawn
 
 B_LOCAL, SIDE = 3, 5  # images per rank, crop side
 
@@ -107,22 +106,6 @@ SCENARIOS = {
 }
 
 
-def worker(rank: int, world: int, init_file: str, out_dir: str, scenario: str) -> None:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.save(SCENARIOS[scenario](rank, world), Path(out_dir) / f"rank{rank}.pt")
-    except Exception:
-        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
 def spawn(scenario: str, tmp_path: Path, world: int = 2) -> list[dict]:
-    """Run ``scenario`` on ``world`` gloo ranks; each rank's results."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(worker, args=(world, str(tmp_path / "dist_init"), str(tmp_path), scenario), nprocs=world, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    """Run ``SCENARIOS[scenario]`` on ``world`` gloo ranks; each rank's results."""
+    return dist_spawn.spawn(__name__, scenario, tmp_path, world)

@@ -8,13 +8,12 @@ single-process run on the concatenated batch (`single_process_*`, which the pare
 
 from __future__ import annotations
 
-import os
-import traceback
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from genssl.tests import dist_spawn
 
 WORLD = 2
 B_LOCAL = 3  # images per rank
@@ -172,22 +171,6 @@ def scenario_swav(rank: int, world: int) -> dict:
 SCENARIOS = {"barlow": scenario_barlow, "swav": scenario_swav}
 
 
-def worker(rank: int, world: int, init_file: str, out_dir: str, scenario: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.save(SCENARIOS[scenario](rank, world), Path(out_dir) / f"rank{rank}.pt")
-    except Exception:
-        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
 def spawn(scenario: str, tmp_path: Path, world: int = WORLD) -> list[dict]:
-    """Run ``scenario`` on ``world`` gloo ranks; each rank's results."""
-    import torch.multiprocessing as mp
-
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    mp.spawn(worker, args=(world, str(tmp_path / "dist_init"), str(tmp_path), scenario), nprocs=world, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    """Run ``SCENARIOS[scenario]`` on ``world`` gloo ranks; each rank's results."""
+    return dist_spawn.spawn(__name__, scenario, tmp_path, world)

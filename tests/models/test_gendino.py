@@ -17,15 +17,6 @@ PROGRESS = Progress(global_step=0, epoch=0, step_in_epoch=0, steps_per_epoch=1, 
 CFG = DINOConfig(out_dim=32, hidden_dim=16, bottleneck_dim=8, drop_path_rate=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only contend on a shared 2-core machine (40x slower there)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _logits(seed: int, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     t1, t2, s = (torch.randn(B, D, generator=g, dtype=dtype) * 3 for _ in range(3))

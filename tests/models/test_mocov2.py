@@ -11,19 +11,7 @@ import torch.nn.functional as F
 from genssl.models.contrastive import MoCoV2Loss
 from genssl.models.mocov2 import MoCoV2Config, MoCoV2Objective, build_mocov2_student, mocov2_loss_reference
 from genssl.tests.models.ssl_dist_workers import B_LOCAL, TinyBackbone, build, global_crops, progress, spawn
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _leaves(*shapes, seed, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(*s, generator=g, dtype=torch.float64) * 2).to(dtype).requires_grad_(True) for s in shapes]
+from genssl.tests.models.conftest import random_leaves
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
@@ -31,7 +19,7 @@ def _leaves(*shapes, seed, dtype=torch.float64):
 def test_loss_matches_reference(dtype, tol, b, d, K, tau):
     torch.manual_seed(b)
     moco = MoCoV2Loss(d, queue_size=K, temperature=tau).to(dtype)
-    q, k = _leaves((b, d), (b, d), seed=b * d, dtype=dtype)
+    q, k = random_leaves((b, d), (b, d), seed=b * d, dtype=dtype)
     loss = moco(q, k, update_queue=False)
     grads = torch.autograd.grad(loss, (q, k))
     rq, rk = (t.detach().double().requires_grad_(True) for t in (q, k))

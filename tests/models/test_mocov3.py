@@ -11,25 +11,13 @@ from genssl.models.contrastive import MoCoV3Loss
 from genssl.models.mocov3 import MoCoV3Config, MoCoV3Objective, build_mocov3_student, mocov3_loss_reference
 from genssl.models.simclr import SimCLRConfig, build_simclr_student
 from genssl.tests.models.ssl_dist_workers import B_LOCAL, TinyBackbone, build, global_crops, progress, spawn
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _leaves(*shapes, seed, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(*s, generator=g, dtype=torch.float64) * 2).to(dtype).requires_grad_(True) for s in shapes]
+from genssl.tests.models.conftest import random_leaves
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 @pytest.mark.parametrize("n,d,tau", [(9, 13, 0.2), (5, 7, 1.0), (1, 4, 0.5)])
 def test_symmetric_loss_matches_reference(dtype, tol, n, d, tau):
-    q1, q2, k1, k2 = _leaves((n, d), (n, d), (n, d), (n, d), seed=n + d, dtype=dtype)
+    q1, q2, k1, k2 = random_leaves((n, d), (n, d), (n, d), (n, d), seed=n + d, dtype=dtype)
     loss = MoCoV3Loss(tau).symmetric(q1, q2, k1, k2)
     grads = torch.autograd.grad(loss, (q1, q2, k1, k2))
     ref_in = [t.detach().double().requires_grad_(True) for t in (q1, q2, k1, k2)]

@@ -9,26 +9,13 @@ import torch
 from genssl.models.contrastive import NTXentLoss
 from genssl.models.simclr import SimCLRConfig, SimCLRObjective, build_simclr_student, simclr_loss_reference
 from genssl.tests.models.ssl_dist_workers import B_LOCAL, TinyBackbone, build, global_crops, progress, spawn
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only contend on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _leaves(*shapes, seed, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(*s, generator=g, dtype=torch.float64) * 2).to(dtype).requires_grad_(True) for s in shapes]
+from genssl.tests.models.conftest import random_leaves
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 @pytest.mark.parametrize("n,d,tau", [(7, 13, 0.1), (11, 5, 0.5), (1, 3, 1.0)])
 def test_ntxent_matches_reference(dtype, tol, n, d, tau):
-    z1, z2 = _leaves((n, d), (n, d), seed=n * d, dtype=dtype)
+    z1, z2 = random_leaves((n, d), (n, d), seed=n * d, dtype=dtype)
     loss = NTXentLoss(tau)(z1, z2)
     grads = torch.autograd.grad(loss, (z1, z2))
     r1, r2 = (z.detach().double().requires_grad_(True) for z in (z1, z2))

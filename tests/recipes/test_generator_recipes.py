@@ -211,6 +211,22 @@ def test_generate_views_two_ranks_complete_noop_and_resume(eldm_run, cache: Path
     assert proc.returncode == 2 and "backend=tensorrt needs" in proc.stderr and not (tmp_path / "trt.zarr").exists()
 
 
+def test_generate_views_with_a_noise_level_on_the_condition(eldm_run, cache: Path, tmp_path: Path) -> None:
+    """GenView's condition noise (METHODS §2.2) through the recipe: the data set's embedding statistics
+    reach the sampler, every view records its level, and the noised views differ from level 0's."""
+    from genssl.data.viewstore import open_view_store
+
+    out, _ = eldm_run
+    args = (f"eldm={out}", f"data={DATA}", "views_per_image=1", "interp_per_image=0", "steps=2", "batch_size=16",
+            "sampler=ddim", "report=false")
+    clean, noised = tmp_path / "clean.zarr", tmp_path / "noised.zarr"
+    _run(_recipe("generate_views", *args, f"out={clean}"), cache)
+    _run(_recipe("generate_views", *args, f"out={noised}", "noise_level=300"), cache)
+    a, b = open_view_store(clean), open_view_store(noised)
+    assert (b._arrays["noise_level"][:] == 300).all() and (a._arrays["noise_level"][:] == 0).all()
+    assert not np.array_equal(a._arrays["views"][:], b._arrays["views"][:])
+
+
 def test_bench_generate_quick(tmp_path: Path, cache: Path) -> None:
     proc = _run([sys.executable, "-m", "genssl.bench.generate", "--quick", "--backends", "eager", "tensorrt",
                  "--repeats", "1", "--warmup", "0", "--out-dir", str(tmp_path)], cache)
