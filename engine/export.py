@@ -1,8 +1,19 @@
 """The artefact downstream users take away: ``encoder.safetensors`` + ``encoder.json``.
 
 ``encoder.json`` holds what rebuilds the backbone (``build_backbone(**arch)``), its embedding size,
-the run's resolved config and the training data's fingerprint. Any key that names an encoder
-(``encoder=``) accepts the run directory or the ``.safetensors`` file.
+the run's resolved config, the training data's fingerprint and ``timm``: how plain timm builds and
+loads the same network (docs/ENGINE.md, "Loading an encoder with timm"):
+
+    spec = json.load(open("run/encoder.json"))["timm"]
+    model = timm.create_model(spec["model_name"], pretrained=True, **spec["kwargs"],
+                              pretrained_cfg_overlay=dict(spec["pretrained_cfg_overlay"], file="run/encoder.safetensors"))
+
+The weights are the backbone's own state dict, whose keys are timm's (the backbones are timm models
+with ``num_classes=0``). ViTs and ResNets with the ImageNet stem (``stem_stride=4``) are timm
+architectures; the small-image ResNet stems (``stem_stride`` 1 or 2: one 3×3 conv, no max-pool)
+are not (timm's ResNet stems are a 7×7 conv or three 3×3 convs, each followed by a max-pool), so
+their ``timm.model_name`` is null with the reason, and `load_encoder` is the loader. Any key that
+names an encoder (``encoder=``) accepts the run directory or the ``.safetensors`` file.
 """
 
 from __future__ import annotations
@@ -21,6 +32,30 @@ from genssl.models.backbones import build_backbone
 ENCODER_FILE = "encoder.safetensors"
 
 
+def timm_spec(backbone: nn.Module, config: dict) -> dict:
+    """``encoder.json``'s ``timm`` entry: ``model_name``, the ``kwargs`` of ``timm.create_model`` that
+    give ``backbone``'s architecture, and a ``pretrained_cfg_overlay`` carrying the run's input
+    normalisation and eval size (so ``timm.data.resolve_data_config(model=model)`` preprocesses as
+    genssl's evaluation does). ``model_name`` is None, with a ``reason``, where timm has no such network."""
+    arch = backbone.build_kwargs
+    if arch["stem_stride"] != 4:
+        return {"model_name": None, "reason": f"stem_stride={arch['stem_stride']}: a 3x3-conv ResNet stem without "
+                "max-pool, which timm cannot build; load it with genssl.engine.export.load_encoder"}
+    kwargs: dict = {"num_classes": 0}
+    if arch["name"].startswith("vit_"):  # as models/backbones.py builds them
+        kwargs.update(img_size=arch["img_size"], patch_size=arch["patch_size"] or 16, dynamic_img_size=True,
+                      use_naflex=False)
+    overlay = {}
+    crops, evaluation = config.get("crops") or {}, config.get("eval") or {}
+    if "mean" in crops and "std" in crops:
+        overlay.update(mean=list(crops["mean"]), std=list(crops["std"]))
+    if evaluation.get("size"):
+        # engine/evaluate.py's DaliEvalLoader: bilinear resize of the shorter side to size / 0.875, centre crop
+        overlay.update(input_size=[3, int(evaluation["size"]), int(evaluation["size"])], crop_pct=0.875,
+                       interpolation="bilinear")
+    return {"model_name": backbone.pretrained_cfg["architecture"], "kwargs": kwargs, "pretrained_cfg_overlay": overlay}
+
+
 def save_encoder(backbone: nn.Module, out_dir: str | Path, config: dict, fingerprint: str = "") -> Path:
     out_dir = Path(out_dir)
     state = {k: v.detach().float().contiguous().cpu() for k, v in backbone.state_dict().items()}
@@ -29,7 +64,7 @@ def save_encoder(backbone: nn.Module, out_dir: str | Path, config: dict, fingerp
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path)
     meta = {"arch": dict(backbone.build_kwargs), "embed_dim": int(backbone.embed_dim), "data_fingerprint": fingerprint,
-            "config": config}
+            "timm": timm_spec(backbone, config), "config": config}
     write_json_atomic(out_dir / "encoder.json", meta)
     return path
 

@@ -3,7 +3,8 @@
 A recipe supplies the seeded student builder, the objective and which network is the encoder
 (DINO's EMA teacher; the student for SimCLR, MoCo, BYOL, ...). `pretrain` trains it with
 `engine.trainer.fit`, exports the encoder (encoder.safetensors + encoder.json), runs k-NN and the
-linear probe, writes ``eval.json`` and prints the result beside the random-init floor.
+linear probe, writes ``eval.json`` (its accuracies also to TensorBoard, ``eval/*`` at the last step)
+and prints the result beside the random-init floor.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from genssl.engine.config import to_dict
 from genssl.engine.distributed import DistInfo, barrier
 from genssl.engine.evaluate import calibrate_batchnorm, describe, evaluate_encoder
 from genssl.engine.export import save_encoder
+from genssl.engine.metrics import log_scalars
 from genssl.engine.run_config import TrainConfig
 from genssl.engine.setup import Data
 from genssl.engine.trainer import fit
 from genssl.models.backbones import backbone_config, build_backbone
 
-__all__ = ["evaluate", "evaluate_random_init", "student_backbone", "pretrain"]
+__all__ = ["evaluate", "evaluate_random_init", "student_backbone", "accuracy_scalars", "pretrain"]
 
 
 def evaluate(backbone: nn.Module, cfg: TrainConfig, dist: DistInfo, data: Data) -> dict:
@@ -62,6 +64,15 @@ def student_backbone(engine) -> nn.Module:
     return backbone.to(next(iter(state.values())).device)
 
 
+def accuracy_scalars(result: dict, random_init: dict | None = None) -> dict[str, float]:
+    """The accuracies of an `evaluate` result as TensorBoard tags: ``eval/knn_top1``, ...; the floor's as
+    ``eval/random_init/knn_top1``, ... (None, i.e. not measured, is left out)."""
+    scalars = {}
+    for prefix, r in (("eval/", result), ("eval/random_init/", random_init or {})):
+        scalars.update({prefix + k: v for k, v in r.items() if k.endswith(("top1", "top5")) and v is not None})
+    return scalars
+
+
 def pretrain(cfg: TrainConfig, dist: DistInfo, data: Data, loader, student: nn.Module, objective: nn.Module,
              encoder: Callable[[object], nn.Module], deepspeed_config: str | None = None,
              random_init: dict | None = None, late_params: Iterable[nn.Parameter] = (),
@@ -71,13 +82,15 @@ def pretrain(cfg: TrainConfig, dist: DistInfo, data: Data, loader, student: nn.M
     Returns `evaluate`'s result (its numbers are None for unlabelled data). ``random_init``, the
     floor from `evaluate_random_init`, is printed beside it and written into eval.json.
     """
-    engine, _ = fit(cfg, dist, student, objective, loader, cfg.out, deepspeed_config, late_params=late_params,
-                    fixed_lr_params=fixed_lr_params)
+    engine, trained = fit(cfg, dist, student, objective, loader, cfg.out, deepspeed_config, late_params=late_params,
+                          fixed_lr_params=fixed_lr_params)
     backbone = encoder(engine)
     result = evaluate(backbone, cfg, dist, data)
     if dist.is_main:
         save_encoder(backbone, cfg.out, to_dict(cfg), data.train.fingerprint)
         write_json_atomic(f"{cfg.out}/eval.json", result if random_init is None else {**result, "random_init": random_init})
+        if cfg.log.tensorboard:
+            log_scalars(cfg.out, accuracy_scalars(result, random_init), trained.global_step)
         print(f"evaluation on {cfg.data}:")
         if random_init is not None:
             print(f"  random init  {describe(random_init)}")

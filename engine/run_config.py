@@ -64,6 +64,9 @@ class CheckpointConfig:
 class LogConfig:
     every_steps: int = 10
     progress: bool = True  # rank-0 progress bar
+    # rank 0 also writes TensorBoard event files into the run folder: metrics.jsonl's numbers, eval results,
+    # previews (engine/metrics.py); false writes none
+    tensorboard: bool = True
 
 
 @dataclasses.dataclass

@@ -239,7 +239,8 @@ def fit(cfg: TrainConfig, dist: DistInfo, student: nn.Module, objective: nn.Modu
     if dist.is_main:  # after the resume check: a refused start leaves the run's own config.yaml
         write_config(cfg, run_dir / "config.yaml")
 
-    logger = MetricsLogger(run_dir, dist.is_main, total_steps, resume_step=start_step, progress=cfg.log.progress)
+    logger = MetricsLogger(run_dir, dist.is_main, total_steps, resume_step=start_step, progress=cfg.log.progress,
+                           tensorboard=cfg.log.tensorboard)
     loss_scaled = cfg.precision == "fp16"  # DeepSpeed's loss scaler owns overflow (module docstring)
     lars = cfg.optim.name == "lars"
     watch = None if loss_scaled else _GradientWatch(engine.module)

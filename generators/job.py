@@ -200,9 +200,10 @@ def run_generation(store_path: str | os.PathLike, n_sources: int, embeddings, sa
 
 
 def contact_sheet(store_path: str | os.PathLike, out_png: str | os.PathLike, n: int = 16, seed: int = 0,
-                  pad: int = 2) -> Path:
+                  pad: int = 2, tensorboard_dir: str | os.PathLike | None = None) -> Path:
     """A PNG grid of ``n`` done sources picked at random (one row per source: its K views, then its
-    J interpolated views). Written atomically; returns the path."""
+    J interpolated views). Written atomically; returns the path. With ``tensorboard_dir``, the grid is
+    also logged there as the TensorBoard image ``views/contact_sheet`` (step: sources done)."""
     from PIL import Image
 
     store = open_view_store(store_path, "r")
@@ -224,4 +225,8 @@ def contact_sheet(store_path: str | os.PathLike, out_png: str | os.PathLike, n: 
     tmp = out.with_name(f".{out.stem}.tmp{os.getpid()}.png")
     Image.fromarray(sheet).save(tmp)
     os.replace(tmp, out)
+    if tensorboard_dir is not None:
+        from genssl.engine.metrics import log_image
+
+        log_image(tensorboard_dir, "views/contact_sheet", sheet, int(len(done)))
     return out

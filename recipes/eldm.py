@@ -39,6 +39,7 @@ import torch
 from genssl.engine.cli import run_main
 from genssl.engine.config import ConfigError, parse_config, to_dict
 from genssl.engine.distributed import DistInfo, barrier, cleanup, setup_distributed
+from genssl.engine.metrics import log_image
 from genssl.engine.run_config import TrainConfig
 from genssl.engine.setup import load_data
 from genssl.engine.trainer import compute_dtype, fit
@@ -162,21 +163,24 @@ def _check_run_inputs(out: Path, inputs: dict, dist: DistInfo) -> None:
 
 
 class SamplePreview:
-    """A PNG grid of real images, their autoencoder reconstructions and EMA samples (rank 0 only)."""
+    """A PNG grid of real images, their autoencoder reconstructions and EMA samples (rank 0 only),
+    also logged as the image ``eldm/samples`` into ``tensorboard_dir``'s event files when given."""
 
     def __init__(self, out_dir: Path, every: int, ae, real: np.ndarray, latents: np.ndarray, embeddings: np.ndarray,
-                 steps: int, guidance: float, device: torch.device, enabled: bool, seed: int = 0):
+                 steps: int, guidance: float, device: torch.device, enabled: bool, seed: int = 0,
+                 tensorboard_dir: Path | None = None):
         self.out_dir, self.every, self.ae, self.real = Path(out_dir), int(every), ae, real
+        self.tensorboard_dir = tensorboard_dir
         self.latents, self.embeddings = latents, embeddings
         self.steps, self.guidance, self.device, self.enabled = steps, guidance, device, enabled
         self.seeds = np.arange(len(real), dtype=np.int64) + 1000 * seed
 
     def __call__(self, objective, step: int) -> None:
         if self.enabled and self.every > 0 and step > 0 and step % self.every == 0:
-            self.write(objective.teacher.module, f"step{step:08d}")
+            self.write(objective.teacher.module, f"step{step:08d}", step)
 
     @torch.no_grad()
-    def write(self, eldm: ELDM, name: str) -> Path | None:
+    def write(self, eldm: ELDM, name: str, step: int) -> Path | None:
         if not self.enabled:
             return None
         from PIL import Image
@@ -198,6 +202,8 @@ class SamplePreview:
         tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
         Image.fromarray(grid).save(tmp)
         os.replace(tmp, path)
+        if self.tensorboard_dir is not None:
+            log_image(self.tensorboard_dir, "eldm/samples", grid, step)
         return path
 
 
@@ -267,7 +273,7 @@ def train_eldm(cfg: ELDMRecipeConfig, dist: DistInfo, deepspeed_config: str | No
     real = _preview_images(data.train, rows, image_size, dist) if dist.is_main else np.zeros((len(rows), 1, 1, 3), np.uint8)
     preview = SamplePreview(out / "samples", e.sample_every, ae, real, np.asarray(lat[rows]),
                             np.asarray(emb[rows], dtype=np.float32), e.sample_steps, e.guidance, dist.device,
-                            enabled=dist.is_main, seed=cfg.seed)
+                            enabled=dist.is_main, seed=cfg.seed, tensorboard_dir=out if cfg.log.tensorboard else None)
     dtype = compute_dtype(cfg.precision)
     objective = ELDMObjective(eldm, dtype, cfg.seed, dist.rank, ema=True, preview=preview)
     loader = TensorBatchLoader({"latents": lat, "embeddings": emb}, cfg.batch_size, dist.rank, dist.world_size,
@@ -290,7 +296,7 @@ def train_eldm(cfg: ELDMRecipeConfig, dist: DistInfo, deepspeed_config: str | No
         tmp = folder / f".{GENERATOR_FILE}.tmp{os.getpid()}"
         tmp.write_text(json.dumps(generator, indent=2))
         os.replace(tmp, folder / GENERATOR_FILE)
-        grid = preview.write(ema, "final")
+        grid = preview.write(ema, "final", result.global_step)
         print(f"eldm: wrote {folder} (EMA weights, hash {generator['eldm_hash'][:12]}) and {grid}", flush=True)
     barrier()
     return folder

@@ -136,6 +136,11 @@ def test_eldm_recipe_two_ranks_trains_saves_and_previews(eldm_run, cache: Path) 
     for name in ("step00000018.png", "final.png"):  # the grid after the last step is final.png
         img = Image.open(out / "samples" / name)
         assert img.size == (8 * 64, 3 * 64 + 4)
+    # the same grids in TensorBoard, at their steps (the last one is the final grid)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out), size_guidance={"images": 0}).Reload()
+    assert [e.step for e in events.Images("eldm/samples")] == [18, 36]
     metrics = _metrics(out)
     assert [r["step"] for r in metrics] == list(range(4, 37, 4))
     losses = [r["loss"] for r in metrics]
