@@ -2,11 +2,28 @@
 
 Measures forward and forward+backward time (median over repeats; CUDA events on a GPU,
 ``time.perf_counter`` on the CPU) and the peak memory allocated beyond the inputs
-(``torch.cuda.max_memory_allocated`` minus what was allocated before the step; it includes the two
-gradient tensors). Problem: NT-Xent labels (pairs), ``q`` and ``k`` separate [M, D] leaves,
-``self_offset=0``, M = N. Throughput counts ``8*M*N*D`` FLOPs per forward+backward (S in the
-forward, S again, dq and dk in the backward) and is compared with the bf16 matmul rate measured on
-the same device by this script (a large bf16 matmul).
+(``torch.cuda.max_memory_allocated`` minus what was allocated before the step; it includes the
+gradient tensors). Throughput is compared with the bf16 matmul rate measured on the same device by
+this script (a large bf16 matmul).
+
+Two sets of problems, each timed for the kernel (:func:`genssl.kernels.contrastive_loss`) and the
+PyTorch eager reference (:func:`genssl.kernels.contrastive_loss_reference`) on the same inputs:
+
+* ``results``, the size grid: NT-Xent labels (pairs), ``q`` and ``k`` separate [M, D] leaves,
+  ``self_offset=0``, M = N; ``8*M*N*D`` FLOPs per forward+backward (S in the forward, S again, dq and
+  dk in the backward).
+* ``methods``, the shapes of the methods that call the loss (docs/METHODS.md §5; label patterns as
+  ``genssl.models.contrastive``), rows in the same schema plus ``problem``, ``method`` and ``shape``:
+
+  - SimCLR NT-Xent (Chen et al., 2020, https://arxiv.org/abs/2002.05709): ``z = [z1; z2]`` [2B, 128]
+    is both ``q`` and ``k`` (one leaf), labels ``[0..B-1, 0..B-1]``, self excluded (``self_offset=0``),
+    tau 0.1; B = 256, 1024, 4096 (the paper's batch sweep); ``8*M*N*D`` FLOPs, M = N = 2B.
+  - MoCo v2 (Chen et al., 2020, https://arxiv.org/abs/2003.04297): B = 256 queries [B, 128] against
+    ``[keys; queue]`` [B + 65,536, 128], queue labels -1 (negatives only), tau 0.2; keys and queue
+    carry no gradient (momentum encoder), so ``6*M*N*D`` FLOPs (no dk).
+  - MoCo v3 (Chen et al., 2021, https://arxiv.org/abs/2104.02057): one rank's B = 512 queries
+    [B, 256] against the all-gathered keys of W = 8 ranks [W*B, 256] (simulated in one process: the
+    rank's positives at columns ``rank*B + i``), tau 0.2, keys without gradient: ``6*M*N*D`` FLOPs.
 
 Usage::
 
@@ -14,6 +31,7 @@ Usage::
                                                   # bf16 and fp32 (needs a GPU)
     python -m genssl.bench.losses --quick         # tiny shapes, runs on the CPU (Triton interpreter when
                                                   # TRITON_INTERPRET=1, else the reference) to prove the script
+    python -m genssl.bench.losses --methods mocov2 # the grid and one method's shapes (--methods alone: none)
 
 Writes ``bench/results/<YYYY-MM-DD>-<device>-losses.json`` (``...-losses-quick.json`` with --quick)
 and a PNG plot beside it. A reference run that does not fit in memory is recorded as "OOM".
@@ -22,6 +40,7 @@ and a PNG plot beside it. A reference run that does not fit in memory is recorde
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import gc
 import json
@@ -90,27 +109,44 @@ def measure_matmul_tflops(device: torch.device, n: int, repeats: int = 10) -> fl
     return 2 * n ** 3 / (ms * 1e-3) / 1e12
 
 
+def _unit_rows(g: torch.Generator, n: int, D: int, dtype, device) -> torch.Tensor:
+    """[n, D] random unit rows (the losses L2-normalise their features first)."""
+    return torch.nn.functional.normalize(torch.randn(n, D, generator=g), dim=1).to(device=device, dtype=dtype)
+
+
 def _problem(M: int, D: int, dtype, device, seed: int = 0):
     g = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.nn.functional.normalize(torch.randn(M, D, generator=g), dim=1).to(device=device, dtype=dtype)
-    k = torch.nn.functional.normalize(torch.randn(M, D, generator=g), dim=1).to(device=device, dtype=dtype)
+    q = _unit_rows(g, M, D, dtype, device)
+    k = _unit_rows(g, M, D, dtype, device)
     half = M // 2
     labels = torch.cat([torch.arange(half), torch.arange(M - half)]).to(device)
     return q.requires_grad_(True), k.requires_grad_(True), labels
 
 
 def bench_one(fn, M: int, D: int, dtype, device, temperature: float, repeats: int, warmup: int) -> dict:
-    """Forward and forward+backward medians (ms), peak extra memory (bytes), loss value."""
-    q, k, labels = _problem(M, D, dtype, device)
+    """The grid problem: forward and forward+backward medians (ms), peak extra memory (bytes), loss value."""
+
+    def inputs():
+        q, k, labels = _problem(M, D, dtype, device)
+        return q, k, labels, labels, 0, (q, k)
+
+    return _bench_call(fn, inputs, temperature, device, repeats, warmup)
+
+
+def _bench_call(fn, inputs, temperature: float, device, repeats: int, warmup: int) -> dict:
+    """Times ``fn(q, k, q_labels, k_labels)`` on ``inputs() -> (q, k, q_labels, k_labels, self_offset,
+    leaves)``; the backward is taken w.r.t. ``leaves`` (what the method trains). Built here, so that the
+    inputs die with this frame before an OOM's cache release."""
+    q, k, q_labels, k_labels, self_offset, leaves = inputs()
     cuda = device.type == "cuda"
 
     def fwd():
         with torch.no_grad():
-            return fn(q, k, labels, labels, temperature=temperature, self_offset=0)
+            return fn(q, k, q_labels, k_labels, temperature=temperature, self_offset=self_offset)
 
     def fwd_bwd():
-        loss = fn(q, k, labels, labels, temperature=temperature, self_offset=0)
-        torch.autograd.grad(loss, (q, k))
+        loss = fn(q, k, q_labels, k_labels, temperature=temperature, self_offset=self_offset)
+        torch.autograd.grad(loss, leaves)
         return loss
 
     timer = _Timer(device)
@@ -137,12 +173,117 @@ def bench_one(fn, M: int, D: int, dtype, device, temperature: float, repeats: in
             raise
         out = {"status": "OOM", "error": str(err).splitlines()[0][:200]}
     finally:
-        del q, k
+        del q, k, leaves
         gc.collect()  # drop the frames of an OOM traceback before releasing the cache
         if cuda:
             torch.cuda.empty_cache()
     out.setdefault("status", "ok")
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the methods' shapes (label patterns of genssl.models.contrastive)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodProblem:
+    """One method's loss call: ``M`` rows vs ``N`` columns of width ``D``.
+
+    ``shared``: the rows are the columns (one leaf, SimCLR), else only the rows get a gradient (the
+    columns come from a momentum encoder or a queue). Counted FLOPs per forward+backward:
+    ``8*M*N*D`` shared (S, S again, dq and dk), ``6*M*N*D`` otherwise (no dk).
+    """
+
+    method: str
+    shape: dict  # the method's own sizes: B, and queue K or ranks W
+    M: int
+    N: int
+    D: int
+    temperature: float
+    shared: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} " + " ".join(f"{k}={v}" for k, v in self.shape.items())
+
+    @property
+    def flops(self) -> float:
+        return (8.0 if self.shared else 6.0) * self.M * self.N * self.D
+
+    def inputs(self, dtype, device, seed: int = 0):
+        """``(q, k, q_labels, k_labels, self_offset, leaves)`` of the method's call."""
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        B = self.shape["B"]
+        if self.method == "simclr":  # z = [z1; z2] is q and k; the two views of sample i share label i
+            z = _unit_rows(g, self.M, self.D, dtype, device).requires_grad_(True)
+            labels = torch.arange(B).repeat(2).to(device)
+            return z, z, labels, labels, 0, (z,)
+        q = _unit_rows(g, self.M, self.D, dtype, device).requires_grad_(True)
+        k = _unit_rows(g, self.N, self.D, dtype, device)
+        if self.method == "mocov2":  # columns [keys; queue]: key i is row i's positive, the queue never matches
+            q_labels = torch.arange(B)
+            k_labels = torch.cat([torch.arange(B), torch.full((self.N - B,), -1, dtype=torch.long)])
+        else:  # mocov3: this rank's rows vs every rank's keys; positives at rank*B + i
+            rank = self.shape["W"] - 1
+            q_labels = torch.arange(B) + rank * B
+            k_labels = torch.arange(self.N)
+        return q, k, q_labels.to(device), k_labels.to(device), None, (q,)
+
+
+def simclr_problem(B: int, D: int = 128) -> MethodProblem:
+    return MethodProblem("simclr", {"B": B}, 2 * B, 2 * B, D, 0.1, shared=True)
+
+
+def mocov2_problem(B: int = 256, K: int = 65536, D: int = 128) -> MethodProblem:
+    return MethodProblem("mocov2", {"B": B, "K": K}, B, B + K, D, 0.2, shared=False)
+
+
+def mocov3_problem(B: int = 512, W: int = 8, D: int = 256) -> MethodProblem:
+    return MethodProblem("mocov3", {"B": B, "W": W}, B, W * B, D, 0.2, shared=False)
+
+
+#: The papers' sizes (docs/METHODS.md §5) and tiny versions for --quick (CPU, Triton interpreter).
+METHOD_PROBLEMS = {
+    "simclr": [simclr_problem(256), simclr_problem(1024), simclr_problem(4096)],
+    "mocov2": [mocov2_problem()],
+    "mocov3": [mocov3_problem()],
+}
+QUICK_METHOD_PROBLEMS = {
+    "simclr": [simclr_problem(24, D=32)],
+    "mocov2": [mocov2_problem(B=16, K=80, D=32)],
+    "mocov3": [mocov3_problem(B=16, W=4, D=64)],
+}
+
+
+def _compare(rec: dict, flops: float, mm_tflops: float) -> dict:
+    """Adds the derived columns (TFLOP/s, fraction of the bf16 matmul, speed-up, loss difference)."""
+    kr, rr = rec["kernel"], rec["reference"]
+    if kr["status"] == "ok":
+        kr["tflops"] = flops / (kr["fwd_bwd_ms"] * 1e-3) / 1e12
+        kr["frac_of_bf16_matmul"] = kr["tflops"] / mm_tflops
+    if rr["status"] == "ok":
+        rr["tflops"] = flops / (rr["fwd_bwd_ms"] * 1e-3) / 1e12
+    if kr["status"] == "ok" and rr["status"] == "ok":
+        rec["speedup_fwd_bwd"] = rr["fwd_bwd_ms"] / kr["fwd_bwd_ms"]
+        rec["loss_abs_diff"] = abs(kr["loss"] - rr["loss"])
+    return rec
+
+
+def bench_method(problem: MethodProblem, dname: str, device, args, mm_tflops: float) -> dict:
+    """One method problem in one dtype, kernel and reference: a row of ``report["methods"]``."""
+    dtype = DTYPES[dname]
+    rec = {"problem": problem.name, "method": problem.method, "shape": dict(problem.shape), "M": problem.M,
+           "N": problem.N, "D": problem.D, "dtype": dname, "temperature": problem.temperature,
+           "grad": "q = k" if problem.shared else "q only",
+           "flops_per_step": "8*M*N*D" if problem.shared else "6*M*N*D"}
+    rec["kernel"] = _bench_call(contrastive_loss, lambda: problem.inputs(dtype, device), problem.temperature,
+                                device, args.repeats, args.warmup)
+    if args.no_reference:
+        rec["reference"] = {"status": "skipped"}
+    else:
+        rec["reference"] = _bench_call(contrastive_loss_reference, lambda: problem.inputs(dtype, device),
+                                       problem.temperature, device, args.repeats, args.warmup)
+    return _compare(rec, problem.flops, mm_tflops)
 
 
 def kernel_backend(device: torch.device) -> str:
@@ -172,18 +313,15 @@ def run(args) -> dict:
                 else:
                     rec["reference"] = bench_one(contrastive_loss_reference, M, D, dtype, device, args.temperature,
                                                  args.repeats, args.warmup)
-                flops = 8.0 * M * M * D
-                kr, rr = rec["kernel"], rec["reference"]
-                if kr["status"] == "ok":
-                    kr["tflops"] = flops / (kr["fwd_bwd_ms"] * 1e-3) / 1e12
-                    kr["frac_of_bf16_matmul"] = kr["tflops"] / mm_tflops
-                if rr["status"] == "ok":
-                    rr["tflops"] = flops / (rr["fwd_bwd_ms"] * 1e-3) / 1e12
-                if kr["status"] == "ok" and rr["status"] == "ok":
-                    rec["speedup_fwd_bwd"] = rr["fwd_bwd_ms"] / kr["fwd_bwd_ms"]
-                    rec["loss_abs_diff"] = abs(kr["loss"] - rr["loss"])
-                rows.append(rec)
+                rows.append(_compare(rec, 8.0 * M * M * D, mm_tflops))
                 print(_fmt(rec), flush=True)
+    problems = QUICK_METHOD_PROBLEMS if args.quick else METHOD_PROBLEMS
+    methods = []
+    for dname in args.dtypes:
+        for method in args.methods:
+            for problem in problems[method]:
+                methods.append(bench_method(problem, dname, device, args, mm_tflops))
+                print(_fmt(methods[-1]), flush=True)
     return {
         "benchmark": "contrastive_loss (NT-Xent labels, q,k separate, self_offset=0, M=N)",
         "date": _dt.date.today().isoformat(),
@@ -198,6 +336,7 @@ def run(args) -> dict:
         "flops_per_step": "8*M*N*D",
         "bf16_matmul": {"n": matmul_n, "tflops": mm_tflops},
         "results": rows,
+        "methods": methods,
     }
 
 
@@ -217,8 +356,9 @@ def _fmt(rec: dict) -> str:
         mem = "" if r.get("peak_extra_bytes") is None else f", +{r['peak_extra_bytes'] / 2**20:.0f} MiB"
         tf = f", {r['tflops']:.3g} TFLOP/s" if "tflops" in r else ""
         return f"fwd {r['fwd_ms']:.3f} ms, fwd+bwd {r['fwd_bwd_ms']:.3f} ms{tf}{mem}"
-    s = f"M=N={rec['M']:>6} D={rec['D']:>4} {rec['dtype']:>4} | kernel: {one(rec['kernel'])} | reference: " \
-        f"{one(rec['reference'])}"
+    where = f"{rec['problem']} (M={rec['M']}, N={rec['N']}, D={rec['D']})" if "problem" in rec else \
+        f"M=N={rec['M']:>6} D={rec['D']:>4}"
+    s = f"{where} {rec['dtype']:>4} | kernel: {one(rec['kernel'])} | reference: {one(rec['reference'])}"
     if "speedup_fwd_bwd" in rec:
         s += f" | speed-up {rec['speedup_fwd_bwd']:.2f}x"
     return s
@@ -230,7 +370,11 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(12, 4.5))
+    methods = report.get("methods") or []
+    fig, axes = plt.subplots(1, 3 if methods else 2, figsize=(18 if methods else 12, 4.5))
+    ax_t, ax_f = axes[0], axes[1]
+    if methods:
+        _plot_methods(axes[2], methods)
     groups = sorted({(r["dtype"], r["D"]) for r in report["results"]})
     for i, (dname, D) in enumerate(groups):
         rs = sorted((r for r in report["results"] if r["dtype"] == dname and r["D"] == D), key=lambda r: r["M"])
@@ -261,6 +405,23 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _plot_methods(ax, rows: list[dict]) -> None:
+    """Forward+backward time of each method problem and dtype: kernel and reference bars side by side."""
+    labels = [f"{r['problem']}\n{r['dtype']}" for r in rows]
+    xs = range(len(rows))
+    for shift, side, hatch in ((-0.2, "kernel", ""), (0.2, "reference", "//")):
+        ax.bar([x + shift for x in xs], [r[side].get("fwd_bwd_ms", math.nan) for r in rows], width=0.4,
+               hatch=hatch, alpha=0.8, label=side)
+    for x, r in zip(xs, rows):
+        if "speedup_fwd_bwd" in r:
+            top = max(r["kernel"]["fwd_bwd_ms"], r["reference"]["fwd_bwd_ms"])
+            ax.annotate(f"{r['speedup_fwd_bwd']:.2g}x", (x, top), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(list(xs), labels, rotation=60, ha="right", fontsize=7)
+    ax.set(yscale="log", ylabel="forward+backward (ms, median)", title="the methods' shapes (speed-up over bars)")
+    ax.legend(fontsize=7)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes that run on the CPU (proves the script)")
@@ -272,6 +433,8 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--matmul-n", type=int, default=None, help="size of the bf16 matmul used as the peak")
+    p.add_argument("--methods", nargs="*", choices=list(METHOD_PROBLEMS), default=list(METHOD_PROBLEMS),
+                   help="the methods whose loss shapes to run after the grid (default: all; --methods alone: none)")
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)

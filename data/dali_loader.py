@@ -21,13 +21,33 @@ changing only ``num_threads``/``prefetch`` or CPU vs GPU changes nothing but flo
 The feed runs a few batches ahead in a background thread (`read_ahead`), reading file bytes with
 a small thread pool; decoding is DALI's ("mixed" = nvJPEG on the GPU when ``device_id`` is given,
 CPU otherwise).
+
+Files that changed after indexing. DALI fails the whole pipeline (and the run) on one undecodable
+file, so `FileReader` checks every file before its bytes go to DALI: its size and mtime against the
+index (``DatasetIndex.file_stats``) and a cheap header/trailer test (JPEG start and end-of-image
+markers, PNG signature and IEND chunk). A file that was deleted, truncated, replaced or cannot be read
+is skipped: the sample takes the bytes of the next sample of the batch (cyclically) whose file is
+fine, and its index becomes that sample's (the batch is honest about what it holds); the crop
+parameters are drawn after this choice, from the substitute's size. That is deterministic given the
+same damage: a batch stays a pure function of (seed, epoch, rank, step) and of which files are
+broken. Each such file is reported once per run (a warning, and an entry in ``read_errors.json``
+next to the index's ``quarantine.json``; the next ``build_index`` re-validates and quarantines it),
+and the loader counts them (``read_problems()``). A batch none of whose files can be read stops the
+run with an error: the data are gone (unmounted?), not damaged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
+import logging
+import os
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -42,10 +62,16 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from genssl.data.augment import (P_BRIGHT, P_CONTRAST, P_FLIP, P_HUE, P_SAT, P_SIGMA, P_SOLAR, P_X0,
                                  P_X1, P_Y0, P_Y1, MultiCropSpec, sample_multicrop_params)
-from genssl.data.index import DatasetIndex
+from genssl.data.index import READ_ERRORS_FILE, DatasetIndex
 from genssl.data.sampler import EpochLoader, rank_batches
 
 NO_BLUR_SIGMA = 1e-3  # a 3-tap kernel whose side weights underflow to 0: exactly the identity
+# Per-sample status bits (a pipeline output: what a sample holds instead of what was asked for).
+SUBSTITUTED = 1     # its file could not be used: another sample of the batch was read in its place
+VIEW_DAMAGED = 2    # its synthetic view failed its check: crop slot 1 is real (gensis_loader)
+INTERP_DAMAGED = 4  # its interpolated view or partner failed: the interpolated crop is real, alpha 1 (gensis_loader)
+
+log = logging.getLogger("genssl.data")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,6 +95,168 @@ def eval_shard(n: int, rank: int, world_size: int) -> np.ndarray:
 def _check_rank(rank: int, world_size: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+
+
+# ---------------------------------------------------------------------------------------------
+# reading files that may have changed since indexing
+
+
+class ProblemReport:
+    """Reports each problem once per run: a warning in the log and an entry ``{key_field: key, ...,
+    "reported_ns"}`` in the JSON file ``path`` (``{"count", items: [...]}`` + ``header``), merged under a
+    lock so every rank and reader process can add to it. "Once per run": a problem already in the file
+    is reported again only when it was reported before ``since_ns`` (this run's loader was made), i.e.
+    by an earlier run. ``path=None`` only logs. Picklable (spawned DALI workers)."""
+
+    def __init__(self, path: str | os.PathLike | None, items: str, key_field: str, header: dict,
+                 since_ns: int | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.items, self.key_field, self.header = items, key_field, header
+        self.since_ns = time.time_ns() if since_ns is None else int(since_ns)
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        return {**self.__dict__, "_lock": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def add(self, key, entry: dict, message: str) -> None:
+        key = str(key)
+        with self._lock:  # reader threads
+            if key in self._seen:
+                return
+            self._seen.add(key)
+            fresh = True
+            if self.path is not None:
+                try:
+                    fresh = self._record(key, entry)
+                except OSError as exc:  # e.g. a read-only dataset cache or view store: the log still has it
+                    message += f" (could not be added to {self.path}: {exc.strerror or exc})"
+            if fresh:
+                log.warning("%s", message)
+
+    def _record(self, key: str, entry: dict) -> bool:
+        lock = self.path.with_name(self.path.name + ".lock")
+        with open(lock, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                doc = {}
+                with contextlib.suppress(OSError, ValueError):
+                    doc = json.loads(self.path.read_text())
+                rows = {str(r.get(self.key_field)): r for r in doc.get(self.items, []) if isinstance(r, dict)}
+                old = rows.get(key)
+                if old is not None and old.get("reported_ns", 0) >= self.since_ns:
+                    return False  # another rank or reader process of this run reported it
+                rows[key] = {self.key_field: entry.get(self.key_field, key), **entry, "reported_ns": time.time_ns()}
+                ordered = sorted(rows.values(), key=lambda r: str(r.get(self.key_field)))
+                tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({**self.header, "count": len(ordered), self.items: ordered}, indent=1))
+                os.replace(tmp, self.path)
+                return True
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def image_bytes_problem(data: np.ndarray) -> str | None:
+    """Why DALI should not be given these bytes (None if they look whole): every indexed file is a JPEG
+    or an 8-bit PNG (the index converts the rest), so a start marker and an end marker are a cheap
+    test against truncation and replacement."""
+    if len(data) == 0:
+        return "the file is empty"
+    head, tail = bytes(data[:8]), bytes(data[-64:])
+    if head[:2] == b"\xff\xd8":
+        return None if tail.rstrip(b"\x00").endswith(b"\xff\xd9") else "JPEG without its end-of-image marker (truncated)"
+    if head == b"\x89PNG\r\n\x1a\n":
+        return None if b"IEND" in tail else "PNG without its IEND chunk (truncated)"
+    return "neither a JPEG nor a PNG any more (replaced)"
+
+
+class FileReader:
+    """File bytes of indexed samples for DALI, checked first (module docstring, "Files that changed
+    after indexing"). ``paths[i]`` a str or bytes path, ``stats`` ``[N, 2]`` (bytes, mtime_ns) or None
+    (header test only). Picklable."""
+
+    def __init__(self, paths, stats: np.ndarray | None, report: ProblemReport | None) -> None:
+        self.paths, self.stats, self.report = paths, stats, report
+
+    @classmethod
+    def for_index(cls, index: DatasetIndex, paths=None, since_ns: int | None = None) -> "FileReader":
+        """A reader of ``index`` (``paths``: a compact stand-in for ``index.paths``) reporting to
+        ``read_errors.json`` beside its ``quarantine.json``."""
+        where = Path(index.report).with_name(READ_ERRORS_FILE) if index.report is not None else None
+        report = ProblemReport(where, "files", "path", {"root": str(index.root)}, since_ns)
+        return cls(index.paths if paths is None else paths, index.file_stats, report)
+
+    def read(self, i: int) -> tuple[np.ndarray | None, str | None]:
+        """``(bytes, None)``, or ``(None, why)`` when file ``i`` must not be decoded."""
+        try:
+            with open(self.paths[i], "rb") as f:
+                if self.stats is not None and self.stats[i, 0] >= 0:
+                    st, (size, mtime) = os.fstat(f.fileno()), self.stats[i]
+                    if st.st_size != size:
+                        return None, f"its size changed since indexing ({size} -> {st.st_size} bytes): truncated or replaced"
+                    if st.st_mtime_ns != mtime:
+                        return None, "it was modified since indexing (mtime changed): replaced or rewritten"
+                data = np.fromfile(f, dtype=np.uint8)
+        except FileNotFoundError:
+            return None, "it was deleted since indexing"
+        except OSError as exc:
+            return None, f"it cannot be read ({exc.strerror or exc})"
+        why = image_bytes_problem(data)
+        return (None, why) if why else (data, None)
+
+    def batch(self, idx: np.ndarray, pool: ThreadPoolExecutor | None = None
+              ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        """``(bytes per sample, indices read [B] int64, status [B] uint8)`` for asked indices ``idx``."""
+        got = list(pool.map(self.read, idx)) if pool is not None and len(idx) > 1 else [self.read(i) for i in idx]
+        final = np.array(idx, dtype=np.int64, copy=True)
+        status = np.zeros(len(idx), dtype=np.uint8)
+        good = [b for b, (data, _) in enumerate(got) if data is not None]
+        if len(good) == len(got):
+            return [data for data, _ in got], final, status
+        if not good:
+            shown = "; ".join(f"{os.fsdecode(self.paths[i])}: {why}" for i, (_, why) in list(zip(idx, got))[:3])
+            raise RuntimeError(f"none of the {len(idx)} files of this batch can be read ({shown}; ...): the data seem "
+                               "to be gone (unmounted, moved or deleted). Restore them and rerun the command: training "
+                               "resumes from the last checkpoint, and the dataset index is re-validated")
+        data = [d for d, _ in got]
+        for b, (_, why) in enumerate(got):
+            if why is None:
+                continue
+            sub = next((g for g in good if g > b), good[0])  # the next usable sample, cyclically
+            data[b], final[b], status[b] = data[sub], idx[sub], SUBSTITUTED
+            self.reported(int(idx[b]), why)
+        return data, final, status
+
+    def reported(self, i: int, why: str) -> None:
+        """Report file ``i`` as unusable (once per run)."""
+        if self.report is not None:
+            path = os.fsdecode(self.paths[i])
+            self.report.add(path, {"path": path, "index": int(i), "reason": why},
+                            f"genssl.data: skipping {path}: {why}. Its samples use another image until the dataset "
+                            f"index is rebuilt (the next run re-validates it)")
+
+
+class ProblemCounts:
+    """What a loader's batches held instead of what was asked, counted in the training process from
+    the per-sample status: distinct files skipped and distinct sources whose views were damaged,
+    since this loader was made. ``read_problems()`` of the loaders returns `counts`."""
+
+    def __init__(self) -> None:
+        self.files: set[int] = set()
+        self.views: set[int] = set()
+
+    def add(self, asked: torch.Tensor, indices: torch.Tensor, status: torch.Tensor) -> None:
+        """``asked`` / ``indices`` ``[B]``: the samples asked for / read (they differ where SUBSTITUTED)."""
+        asked, indices, status = asked.cpu().numpy(), indices.cpu().numpy(), status.cpu().numpy()
+        self.files.update(asked[(status & SUBSTITUTED) != 0].tolist())
+        self.views.update(indices[(status & (VIEW_DAMAGED | INTERP_DAMAGED)) != 0].tolist())
+
+    def counts(self) -> dict[str, int]:
+        return {"files_skipped": len(self.files), "views_damaged": len(self.views)}
 
 
 def _read(paths: Sequence[str], idx: np.ndarray, pool: ThreadPoolExecutor | None = None) -> list[np.ndarray]:
@@ -237,6 +425,8 @@ class DaliMultiCropLoader(EpochLoader):
         self.index, self.spec = index, spec
         self.device_id, self.num_threads, self.prefetch = device_id, num_threads, prefetch
         self._pool = ThreadPoolExecutor(max(2, num_threads), thread_name_prefix="genssl-read")
+        self._files = FileReader.for_index(index)
+        self._problems = ProblemCounts()
         self._driver = _Driver(self._build, device_id)
 
     def iter_from(self, step: int) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
@@ -244,28 +434,35 @@ class DaliMultiCropLoader(EpochLoader):
         self.check_step(step)
         return self._iter(step)
 
+    def read_problems(self) -> dict[str, int]:
+        """``{"files_skipped": distinct files skipped so far (module docstring), "views_damaged": 0}``."""
+        return self._problems.counts()
+
     def _iter(self, step: int) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         if step == len(self):
             return
         feed = read_ahead(self._feed(self.batches(), self.epoch, step), self.prefetch + 1)
         for outs in self._driver.run(feed):
-            yield list(outs[:-1]), outs[-1]
+            *crops, idx, status, asked = outs
+            self._problems.add(asked, idx, status)
+            yield crops, idx
 
     def _feed(self, order: np.ndarray, epoch: int, start: int) -> Iterator[tuple]:
         for step in range(start, len(order)):
-            idx = order[step]
+            encoded, idx, status = self._files.batch(order[step], self._pool)
             rng = np.random.default_rng([self.seed, epoch, self.rank, step])
-            params = sample_multicrop_params(rng, self.spec, self.index.sizes[idx])
-            yield _read(self.index.paths, idx, self._pool), idx, params
+            params = sample_multicrop_params(rng, self.spec, self.index.sizes[idx])  # after substitution
+            yield encoded, idx, params, status, order[step]
 
     def _build(self, source) -> Pipeline:
         pipe = Pipeline(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
                         seed=self.seed + 7919 * self.rank, prefetch_queue_depth=self.prefetch)
         with pipe:
-            encoded, idx, params = fn.external_source(source=source, num_outputs=3, cycle="raise", batch=True,
-                                                      dtype=[types.UINT8, types.INT64, types.FLOAT], ndim=[1, 0, 2])
+            encoded, idx, params, status, asked = fn.external_source(
+                source=source, num_outputs=5, cycle="raise", batch=True,
+                dtype=[types.UINT8, types.INT64, types.FLOAT, types.UINT8, types.INT64], ndim=[1, 0, 2, 0, 0])
             crops = multicrop_graph(_decode(encoded, self.device_id), self.spec, params)
-            pipe.set_outputs(*crops, idx)
+            pipe.set_outputs(*crops, idx, status, asked)
         pipe.build()
         return pipe
 

@@ -39,8 +39,23 @@ which of the J interpolated views a source uses in an epoch is a function of (se
 (seed, epoch, rank, step): ``iter_from(k)`` yields exactly batches ``k..`` of the uninterrupted epoch
 and reads nothing of batches ``0..k-1``.
 
+Damage. A synthetic view that fails its check (crc32c, a missing chunk file, a damaged ``done``
+chunk: `genssl.data.viewstore.ViewStoreCorruptError`) makes its sample a real one for that step:
+``from_gen`` is False and crop slot 1 is cut from the real image with the real stream's slot-1
+parameters. A damaged interpolated view (or its partner or α, or a partner file that changed since
+indexing) makes the interpolated crop a real crop of image i with slot 1's real parameters, the
+partner image i itself and α = 1: the interpolation at α = 1 *is* image i, so L_dis stays well defined
+(it asks the student to predict the teacher on image i). A real file that changed since indexing is
+replaced by another sample of the batch before anything else is read or drawn
+(`genssl.data.dali_loader.FileReader`). All of this is decided from the reads alone, with no extra
+random numbers: a batch is a pure function of (seed, epoch, rank, step) and of the damage; with none,
+nothing changes. Each damaged source is reported once per run (a warning, and an entry in
+``<store>.damage.json``, which the generation job's ``verify=true`` supersedes), each sample's
+``status`` says what it holds instead, and ``read_problems()`` counts the distinct sources and files
+so far (for the metrics).
+
 Reading. The host inputs of a batch are produced by `_GenSISFeed.batch(order, epoch, step)` (file bytes
-via ``np.fromfile``, views through `genssl.data.viewstore.ViewStoreReader`, per-sample reads on a
+via `genssl.data.dali_loader.FileReader`, views through `genssl.data.viewstore.ViewStoreReader`, per-sample reads on a
 small thread pool). With ``py_workers > 0`` (default 2) it runs in DALI's parallel external source
 (``parallel=True``, ``batch=True``, spawned worker processes, each building whole batches, so Zarr
 decoding and file reads never hold the training process's GIL). Because DALI pickles the source
@@ -69,10 +84,11 @@ import nvidia.dali.types as types
 from nvidia.dali.pipeline import Pipeline, do_not_convert, pipeline_def
 
 from genssl.data.augment import MultiCropSpec, sample_multicrop_params
-from genssl.data.dali_loader import _decode, _Driver, _to_torch, multicrop_graph, read_ahead
+from genssl.data.dali_loader import (INTERP_DAMAGED, VIEW_DAMAGED, FileReader, ProblemCounts, ProblemReport, _decode,
+                                     _Driver, _to_torch, multicrop_graph, read_ahead)
 from genssl.data.sampler import EpochLoader
 from genssl.data.index import DatasetIndex
-from genssl.data.viewstore import ViewStoreError, ViewStoreReader
+from genssl.data.viewstore import REPAIR_HINT, ViewStoreError, ViewStoreReader
 
 __all__ = ["GEN_SLOT", "GenSISBatch", "GenSISLoader"]
 
@@ -86,8 +102,9 @@ class GenSISBatch:
     """One rank's batch. ``crops``: ``n_crops`` float32 ``[B,3,h,w]`` (global first; on the loader's
     device), ``indices`` int64 ``[B]``, ``from_gen`` bool ``[B]`` (crop slot 1 is synthetic). With
     interpolation: ``interp`` / ``partner`` float32 ``[B,3,G,G]`` (device), ``alpha`` float32 ``[B]``
-    (weight on image ``indices``), ``partner_indices`` int64 ``[B]``; otherwise None. Small per-sample
-    tensors live on the CPU.
+    (weight on image ``indices``), ``partner_indices`` int64 ``[B]``; otherwise None. ``status`` uint8
+    ``[B]``: 0, or the `genssl.data.dali_loader` bits ``SUBSTITUTED | VIEW_DAMAGED | INTERP_DAMAGED`` of
+    what the sample holds instead (module docstring, "Damage"). Small per-sample tensors live on the CPU.
 
     Unpacks as ``crops, indices = batch`` like `DaliMultiCropLoader`'s batches, so objectives that
     only need the crops (e.g. `DINOObjective`) accept it unchanged.
@@ -100,6 +117,7 @@ class GenSISBatch:
     partner: torch.Tensor | None = None
     alpha: torch.Tensor | None = None
     partner_indices: torch.Tensor | None = None
+    status: torch.Tensor | None = None
 
     def __iter__(self):
         return iter((self.crops, self.indices))
@@ -137,11 +155,12 @@ def _slot_spec(spec: MultiCropSpec, slot: int) -> MultiCropSpec:
 
 @dataclasses.dataclass
 class _Sample:
-    """What is read for one sample (file bytes are encoded; views are decoded uint8 HWC)."""
+    """What is read for one sample's views (decoded uint8 HWC); ``synthetic`` None or ``interp_ok``
+    False: damaged (module docstring)."""
 
-    encoded: np.ndarray
     synthetic: np.ndarray | None = None
     interp: np.ndarray | None = None
+    interp_ok: bool = True
     partner: int = -1
     alpha: float = 0.0
     partner_encoded: np.ndarray | None = None
@@ -154,6 +173,10 @@ class _GenSISFeed:
                  rank: int, world_size: int, seed: int, p_gen: float, interpolation: bool, read_threads: int):
         self.n = len(index)
         self.paths, self.sizes = _Paths(index.paths), np.asarray(index.sizes, dtype=np.int64)
+        self.files = FileReader.for_index(index, self.paths)
+        self.damage = None if reader is None else ProblemReport(
+            Path(str(reader.path) + ".damage.json"), "sources", "source", {"store": str(reader.path)},
+            self.files.report.since_ns)
         self.reader, self.spec, self.batch_size = reader, spec, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.p_gen, self.interpolation, self.read_threads = p_gen, interpolation, read_threads
@@ -185,48 +208,86 @@ class _GenSISFeed:
 
     # -- reads -----------------------------------------------------------------------------
 
-    def _map(self, fn_, items):
-        if self.read_threads <= 1 or len(items) < 2:
-            return [fn_(x) for x in items]
-        if self._pool is None:
+    def _threads(self) -> ThreadPoolExecutor | None:
+        if self.read_threads > 1 and self._pool is None:
             self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="genssl-gensis-read")
             _ = self.reader.store if self.reader is not None else None  # open once, before the threads race
-        return list(self._pool.map(fn_, items))
+        return self._pool
 
-    def _read_sample(self, item: tuple[int, bool, int, int]) -> _Sample:
-        i, gen, k, j = item
-        sample = _Sample(np.fromfile(self.paths[i], dtype=np.uint8))
+    def _map(self, fn_, items):
+        pool = self._threads()
+        return list(pool.map(fn_, items)) if pool is not None and len(items) > 1 else [fn_(x) for x in items]
+
+    def _damaged(self, i: int, what: str, why: str) -> None:
+        why = why.removeprefix(f"view store {self.reader.path}: ").split(". To repair, ")[0]  # said once, below
+        self.damage.add(i, {"source": i, "array": what, "reason": why},
+                        f"genssl.data: view store {self.reader.path}: the {what} of source {i} cannot be used ({why}); "
+                        f"its samples use real crops instead. To repair, {REPAIR_HINT}")
+
+    def _read_views(self, item: tuple[int, bool, int, int, np.ndarray]) -> _Sample:
+        i, gen, k, j, encoded = item
+        sample = _Sample()
         if self.use_gen:  # a tiny dummy for real samples: the conditional never passes it on
-            sample.synthetic = self.reader.views(i)[k] if gen else np.zeros((1, 1, 3), np.uint8)
+            sample.synthetic = np.zeros((1, 1, 3), np.uint8)
+            if gen:
+                try:
+                    sample.synthetic = self.reader.views(i)[k]
+                except ViewStoreError as e:
+                    self._damaged(i, "synthetic view", str(e))
+                    sample.synthetic = None
         if self.interpolation:
-            views, partners, alphas = self.reader.interp(i)
-            sample.interp, sample.partner, sample.alpha = views[j], int(partners[j]), float(alphas[j])
-            sample.partner_encoded = np.fromfile(self.paths[sample.partner], dtype=np.uint8)
+            try:
+                views, partners, alphas = self.reader.interp(i)
+                sample.interp, sample.partner, sample.alpha = views[j], int(partners[j]), float(alphas[j])
+                if not 0 <= sample.partner < self.n:
+                    raise ViewStoreError(f"its partner index {sample.partner} is outside [0, {self.n})")
+                sample.partner_encoded, why = self.files.read(sample.partner)
+                if why is not None:  # no other image can stand in for the partner the view was made with
+                    self.files.reported(sample.partner, why)
+                    sample.interp_ok = False
+            except ViewStoreError as e:
+                self._damaged(i, "interpolated view", str(e))
+                sample.interp_ok = False
+            if not sample.interp_ok:  # alpha = 1: the interpolation is image i itself (module docstring)
+                sample.interp = np.zeros((self.view_wh[1], self.view_wh[0], 3), np.uint8)
+                sample.partner, sample.alpha, sample.partner_encoded = i, 1.0, encoded
         return sample
 
     def batch(self, order: np.ndarray, epoch: int, step: int) -> tuple:
         """Host inputs of batch ``step`` (``order`` = this epoch's ``[steps, B]`` indices), in the order
         of the external source's outputs (`_outputs`)."""
-        idx = order[step]
-        b = len(idx)
+        asked = order[step]
+        b = len(asked)
+        encoded, idx, status = self.files.batch(asked, self._threads())  # a changed file is replaced first
         rng = np.random.default_rng([self.seed, epoch, self.rank, step])
         params = sample_multicrop_params(rng, self.spec, self.sizes[idx])  # == DaliMultiCropLoader's stream
+        real = params.copy()  # what a sample whose views are damaged falls back to
         gen = np.zeros(b, dtype=bool)
         if self.use_gen:
             gen = rng.random(b) < self.p_gen
             syn = sample_multicrop_params(rng, self.gen_spec, np.tile(self.view_wh, (b, 1)))
             params[gen, GEN_SLOT] = syn[gen, 0]  # crop windows drawn for the synthetic view's size
         ks, js = self.view_choice(epoch) if self.reader is not None else (np.zeros(self.n, np.int64),) * 2
-        samples = self._map(self._read_sample, [(int(i), bool(g), int(ks[i]), int(js[i])) for i, g in zip(idx, gen)])
-        out = [[s.encoded for s in samples], idx, params]
+        samples = self._map(self._read_views, [(int(i), bool(g), int(ks[i]), int(js[i]), e)
+                                               for i, g, e in zip(idx, gen, encoded)])
+        out = [encoded, idx, params, status, asked]
         if self.use_gen:
-            out += [[s.synthetic for s in samples], gen.astype(np.uint8)]
+            lost = np.array([s.synthetic is None for s in samples])
+            gen &= ~lost
+            params[lost, GEN_SLOT] = real[lost, GEN_SLOT]
+            status[lost] |= VIEW_DAMAGED
+            out += [[s.synthetic if s.synthetic is not None else np.zeros((1, 1, 3), np.uint8) for s in samples],
+                    gen.astype(np.uint8)]
         if self.interpolation:
+            ok = np.array([s.interp_ok for s in samples])
+            status[~ok] |= INTERP_DAMAGED
             partners = np.array([s.partner for s in samples], dtype=np.int64)
             interp_params = sample_multicrop_params(rng, self.interp_spec, np.tile(self.view_wh, (b, 1)))
+            interp_params[~ok, 0] = real[~ok, _interp_slot(self.spec)]  # drawn for image i's own size
             partner_params = sample_multicrop_params(rng, self.partner_spec, self.sizes[partners])
-            out += [np.stack([s.interp for s in samples]), interp_params, [s.partner_encoded for s in samples],
-                    partner_params, partners, np.array([s.alpha for s in samples], dtype=np.float32)]
+            out += [np.stack([s.interp for s in samples]), interp_params, ok.astype(np.uint8),
+                    [s.partner_encoded for s in samples], partner_params, partners,
+                    np.array([s.alpha for s in samples], dtype=np.float32)]
         return tuple(out)
 
 
@@ -281,9 +342,9 @@ def _gensis_pipeline(source, parallel: bool, spec: MultiCropSpec, on_gpu: bool, 
         second = _select(fn.cast(nodes["gen"], dtype=types.BOOL), _on_device(nodes["synthetic"], on_gpu), real)
     outs = [_crop(second if c == GEN_SLOT and use_gen else real, _slot_spec(spec, c), params[c:c + 1])
             for c in range(spec.n_crops)]
-    if interpolation:
-        outs.append(_crop(_on_device(nodes["interp"], on_gpu), _slot_spec(spec, _interp_slot(spec)),
-                          nodes["interp_params"]))
+    if interpolation:  # a damaged interpolated view is replaced by image i itself (alpha 1)
+        interp = _select(fn.cast(nodes["interp_ok"], dtype=types.BOOL), _on_device(nodes["interp"], on_gpu), real)
+        outs.append(_crop(interp, _slot_spec(spec, _interp_slot(spec)), nodes["interp_params"]))
         outs.append(_crop(_decode(nodes["partner_encoded"], 0 if on_gpu else None), _slot_spec(spec, TEACHER_SLOT),
                           nodes["partner_params"]))
     outs.append(nodes["idx"])
@@ -291,16 +352,17 @@ def _gensis_pipeline(source, parallel: bool, spec: MultiCropSpec, on_gpu: bool, 
         outs.append(nodes["gen"])
     if interpolation:
         outs += [nodes["partner"], nodes["alpha"]]
-    return tuple(outs)
+    return tuple(outs + [nodes["status"], nodes["asked"]])
 
 
 def _outputs(use_gen: bool, interpolation: bool) -> tuple[list, list, list, list]:
     """(names, dtypes, ndims, layouts) of the external source, in `_GenSISFeed.batch`'s order."""
-    rows = [("encoded", types.UINT8, 1, ""), ("idx", types.INT64, 0, ""), ("params", types.FLOAT, 2, "")]
+    rows = [("encoded", types.UINT8, 1, ""), ("idx", types.INT64, 0, ""), ("params", types.FLOAT, 2, ""),
+            ("status", types.UINT8, 0, ""), ("asked", types.INT64, 0, "")]
     if use_gen:
         rows += [("synthetic", types.UINT8, 3, "HWC"), ("gen", types.UINT8, 0, "")]
     if interpolation:
-        rows += [("interp", types.UINT8, 3, "HWC"), ("interp_params", types.FLOAT, 2, ""),
+        rows += [("interp", types.UINT8, 3, "HWC"), ("interp_params", types.FLOAT, 2, ""), ("interp_ok", types.UINT8, 0, ""),
                  ("partner_encoded", types.UINT8, 1, ""), ("partner_params", types.FLOAT, 2, ""),
                  ("partner", types.INT64, 0, ""), ("alpha", types.FLOAT, 0, "")]
     return tuple(list(col) for col in zip(*rows))
@@ -350,6 +412,7 @@ class GenSISLoader(EpochLoader):
         self.store_path = Path(store_path) if store_path is not None else None
         self._feed = _GenSISFeed(index, reader, spec, batch_size, rank, world_size, seed, self.p_gen,
                                  self.interpolation, read_threads)
+        self._problems = ProblemCounts()
         self._driver = _Driver(lambda source: self._build(source, parallel=False), device_id)
 
     # -- protocol ----------------------------------------------------------------------------
@@ -363,6 +426,11 @@ class GenSISLoader(EpochLoader):
         """Batches ``step..len()-1`` of the current epoch; earlier ones are never read or decoded."""
         self.check_step(step)
         return self._iter(step)
+
+    def read_problems(self) -> dict[str, int]:
+        """``{"files_skipped", "views_damaged"}``: distinct files and sources met so far by the batches this
+        loader yielded that could not be used as asked (module docstring, "Damage"); for the metrics."""
+        return self._problems.counts()
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -395,6 +463,7 @@ class GenSISLoader(EpochLoader):
 
     def _unpack(self, outs: list[torch.Tensor]) -> GenSISBatch:
         n = self.spec.n_crops
+        *outs, status, asked = outs
         crops, rest = outs[:n], outs[n:]
         interp = partner = None
         if self.interpolation:
@@ -403,9 +472,11 @@ class GenSISLoader(EpochLoader):
         from_gen = torch.zeros(idx.shape[0], dtype=torch.bool)
         if self.p_gen > 0:
             from_gen, rest = rest[0].bool(), rest[1:]
+        self._problems.add(asked, idx, status)
         if self.interpolation:
-            return GenSISBatch(crops, idx, from_gen, interp, partner, alpha=rest[1], partner_indices=rest[0])
-        return GenSISBatch(crops, idx, from_gen)
+            return GenSISBatch(crops, idx, from_gen, interp, partner, alpha=rest[1], partner_indices=rest[0],
+                               status=status)
+        return GenSISBatch(crops, idx, from_gen, status=status)
 
     def _build(self, source, parallel: bool) -> Pipeline:
         pipe = _gensis_pipeline(
@@ -425,7 +496,7 @@ def _open_store(store_path, index: DatasetIndex, expect_fingerprint: str | None,
              "stage) for this dataset")
     fingerprint = index.fingerprint if expect_fingerprint is None else expect_fingerprint
     try:
-        reader = ViewStoreReader(store_path, expect_fingerprint=fingerprint)
+        reader = ViewStoreReader(store_path, expect_fingerprint=fingerprint, tolerate_damage=True)
     except FileNotFoundError as e:
         raise ValueError(f"{e}; {rerun}") from e
     except ViewStoreError as e:

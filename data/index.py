@@ -24,6 +24,13 @@ run read (and later train on, generate from, or cache copies of) files outside i
 folder link back to one of its own parents (a loop) and a folder that cannot be listed are
 quarantined too, never walked forever or skipped in silence.
 
+Files that change after indexing. The index records each file's size and mtime (``file_stats``); the
+training loaders check them and a cheap header/trailer test before handing bytes to DALI, and skip a
+file that was deleted, truncated or replaced (`genssl.data.dali_loader.FileReader`), listing it in
+``read_errors.json`` next to ``quarantine.json``. The next ``build_index`` re-validates every changed
+file (its size or mtime differ from the cache) and every file listed there (even one whose size and
+mtime were restored), quarantines those now broken, and renames the list to ``read_errors.checked.json``.
+
 Fingerprint: sha256 over (relative path, label, sha256 of the file's bytes) of every indexed sample,
 plus the class names. Content hashes (not mtimes) so a copied dataset keeps its fingerprint and the
 view store still matches it; the hash is computed while the file is read for validation anyway and
@@ -58,6 +65,7 @@ log = logging.getLogger("genssl.data")
 INDEX_VERSION = 1
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm"}
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png")  # preference order when a key has several
+READ_ERRORS_FILE = "read_errors.json"  # files the loaders could not use at read time (FileReader)
 RACY_NS = 2_000_000_000  # files modified this close to the last build are re-hashed (like git's racy-clean)
 CONVERTED_SUFFIX = ".rgb8.jpg"
 # Largest image (width x height) the index accepts: PIL's default decompression-bomb threshold
@@ -92,6 +100,7 @@ class DatasetIndex:
     fingerprint: str
     quarantine: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
     report: Path | None = None  # quarantine.json
+    file_stats: np.ndarray | None = None  # [N, 2] int64 (bytes, mtime_ns) of paths[i] when indexed; None = unknown
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -569,6 +578,7 @@ def _build_locked(root: Path, work: Path, num_workers: int | None, classes: list
     entries: dict[str, dict] = {}
     todo: list[_Candidate] = []
     newest_ns = 0
+    failed_reads = _failed_reads(work / READ_ERRORS_FILE)
     for c in found.candidates:
         conv = work / "converted" / (c.rel + CONVERTED_SUFFIX)
         try:
@@ -576,7 +586,8 @@ def _build_locked(root: Path, work: Path, num_workers: int | None, classes: list
         except OSError as exc:
             entries[c.rel] = {"status": "bad", "reason": f"cannot stat: {exc}", "size": -1, "mtime_ns": -1, "sha256": ""}
             continue
-        hit = _reusable(old_entries.get(c.rel), st, c.path, conv, cached["built_ns"])
+        listed = str(c.path) in failed_reads or str(conv) in failed_reads
+        hit = None if listed else _reusable(old_entries.get(c.rel), st, c.path, conv, cached["built_ns"])
         if hit is not None and not _limit_changed(hit, max_pixels):
             entries[c.rel] = hit
             newest_ns = max(newest_ns, st.st_mtime_ns)
@@ -603,7 +614,13 @@ def _build_locked(root: Path, work: Path, num_workers: int | None, classes: list
     if changed or settled or not index_path.exists() or not report_path.exists():
         _write_cache(root, found, entries, index_path, report_path)
 
-    rows, paths, sizes, labels = [], [], [], []
+    if failed_reads:  # every file listed there was validated again above
+        log.warning("genssl.data: re-validated %d file(s) that could not be read during training (%s)",
+                    len(failed_reads), work / READ_ERRORS_FILE)
+        with contextlib.suppress(OSError):
+            os.replace(work / READ_ERRORS_FILE, work / "read_errors.checked.json")
+
+    rows, paths, sizes, labels, stats = [], [], [], [], []
     quarantine = list(found.quarantine)
     for c in sorted(found.candidates, key=lambda c: c.rel):
         e = entries[c.rel]
@@ -615,6 +632,7 @@ def _build_locked(root: Path, work: Path, num_workers: int | None, classes: list
         sizes.append((e["w"], e["h"]))
         labels.append(c.label)
         rows.append((c.rel, c.label, e["sha256"]))
+        stats.append(_file_stat(read) if e["status"] == "converted" else (e["size"], e["mtime_ns"]))
     if quarantine:
         log.warning("genssl.data: quarantined %d of %d files in %s (excluded); reasons in %s",
                     len(quarantine), len(found.candidates), root, report_path)
@@ -628,7 +646,23 @@ def _build_locked(root: Path, work: Path, num_workers: int | None, classes: list
                         sizes=np.asarray(sizes, dtype=np.int64).reshape(-1, 2),
                         labels=np.asarray(labels, dtype=np.int64), classes=list(found.classes),
                         fingerprint=_fingerprint(found.classes, rows), quarantine=quarantine,
-                        report=report_path)
+                        report=report_path, file_stats=np.asarray(stats, dtype=np.int64).reshape(-1, 2))
+
+
+def _file_stat(path: Path) -> tuple[int, int]:
+    """(bytes, mtime_ns) of a converted copy; (-1, -1) = not checked (vanished since: the reader reports it)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
+def _failed_reads(path: Path) -> set[str]:
+    """The file paths listed in ``read_errors.json`` (written by the loaders' `FileReader`)."""
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, KeyError):
+        return {str(f["path"]) for f in json.loads(path.read_text()).get("files", [])}
+    return set()
 
 
 def _write_cache(root: Path, found: _Found, entries: dict, index_path: Path, report_path: Path) -> None:

@@ -24,6 +24,14 @@ and only then sets ``done[i]``. A source whose ``done`` flag is set is therefore
 killed writer leaves at most unfinished sources with ``done = False`` (and perhaps stray
 ``*.partial`` temporary files, which are ignored).
 
+Damage (a flipped bit, a truncated or deleted chunk file) is found two ways. Reading a source checks
+the crc32c of the chunks it touches and that they exist (Zarr would silently read a deleted chunk as
+zeros), raising :class:`ViewStoreCorruptError`; the training loader then uses the real crop for that
+sample (`genssl.data.gensis_loader`). :meth:`ViewStore.verify_shard` checks a whole shard without
+decoding (every chunk file's crc32c and size, and each done source's chunk files), and
+:meth:`ViewStore.repair` marks the sources of every damaged chunk not done and deletes the chunk, so
+the generation job (``verify=true``; a pipeline's generation stage always verifies) regenerates them.
+
 Creation is atomic and idempotent: the group is built in a temporary sibling folder and renamed into
 place; when the store already exists its attributes must match the request (same dataset
 fingerprint, generator hash, layout and sampler settings) or a ``ValueError`` says what differs and
@@ -43,7 +51,7 @@ import numpy as np
 
 __all__ = [
     "SCHEMA_VERSION", "ViewStoreError", "ViewStoreCorruptError", "ViewStore", "ViewStoreReader",
-    "SourceRecord", "create_view_store", "open_view_store",
+    "SourceRecord", "Damage", "create_view_store", "open_view_store",
 ]
 
 SCHEMA_VERSION = 1
@@ -58,6 +66,20 @@ class ViewStoreError(ValueError):
 
 class ViewStoreCorruptError(ViewStoreError):
     """A chunk failed its crc32c check (or could not be decoded)."""
+
+
+class Damage(NamedTuple):
+    """One damaged chunk found by :meth:`ViewStore.verify_shard`: ``array``'s chunk file ``chunk`` holds
+    sources ``start..stop-1``, all of which must be regenerated."""
+
+    array: str
+    chunk: Path
+    start: int
+    stop: int
+    reason: str
+
+    def sources(self) -> range:
+        return range(self.start, self.stop)
 
 
 class SourceRecord(NamedTuple):
@@ -92,6 +114,11 @@ def _layout(n_sources, K, J, H, W, shard_size, sources_per_chunk, compression) -
             "height": int(H), "width": int(W), "shard_size": int(shard_size),
             "sources_per_chunk": int(sources_per_chunk),
             "compression": compression if compression != "none" else None}
+
+
+REPAIR_HINT = ("rerun the generation job with verify=true (python recipes/generate_views.py ... verify=true; a "
+               "pipeline's generation stage verifies on every rerun): it finds every damaged chunk, invalidates its "
+               "sources and regenerates them")
 
 
 def _fix_hint() -> str:
@@ -313,25 +340,23 @@ class ViewStore:
 
     # ------------------------------------------------------------------ reads
     def _read(self, name: str, sel, what: str):
+        i0 = int((sel.start if isinstance(sel, slice) else sel) or 0)
+        if name != "done" and not isinstance(sel, slice) and not self._chunk_file(name, i0).exists():
+            # Zarr reads a missing chunk as its fill value (zeros) without complaint
+            raise ViewStoreCorruptError(
+                f"view store {self.path}: array {name!r} has no chunk file for {what} ({self._chunk_file(name, i0)} "
+                f"is missing). To repair, {REPAIR_HINT}")
         try:
             return self._arrays[name][sel]
         except Exception as e:  # crc32c mismatch, truncated or undecodable chunk
-            i0 = sel.start if isinstance(sel, slice) else sel
-            i0 = int(i0 or 0)
             chunk = self._arrays[name].chunks[0]
             c_lo = (i0 // chunk) * chunk
             c_hi = min(c_lo + chunk, self.n_sources) - 1
             covers = f"source {c_lo}" if c_lo == c_hi else f"sources {c_lo}..{c_hi}"
-            if name == "done":
-                fix = (f"delete that file (its {covers} then count as not done) and rerun the generation "
-                       f"job to regenerate them")
-            else:
-                fix = (f"mark its {covers} not done with open_view_store(path, 'r+').invalidate(...) and "
-                       f"rerun the generation job to regenerate them")
             raise ViewStoreCorruptError(
                 f"view store {self.path}: array {name!r} is corrupted at {what} (chunk file "
                 f"{self._chunk_file(name, i0)}, holding {covers}): {str(e).rstrip('.')}. To repair, "
-                f"{fix}") from e
+                f"{REPAIR_HINT}") from e
 
     def is_done(self, i: int) -> bool:
         i = self._check_index(i)
@@ -441,29 +466,114 @@ class ViewStore:
         for i in indices:
             self._arrays["done"][self._check_index(i)] = False
 
+    # ------------------------------------------------------------------ verification and repair
+    def _used_arrays(self) -> list[str]:
+        """Arrays that hold data: with K = 0 (J = 0) the view (interpolation) arrays are never written."""
+        return ((["views", "noise_level"] if self.views_per_image else [])
+                + (["interp", "interp_partner", "interp_alpha"] if self.interp_per_image else []))
+
+    def _chunk_problem(self, name: str, f: Path) -> str | None:
+        """Why chunk file ``f`` of ``name`` is damaged (None if it is whole): its crc32c (the same check as
+        Zarr's ``Crc32cCodec``, without decoding) and, uncompressed, its size."""
+        import google_crc32c
+
+        try:
+            data = f.read_bytes()
+        except OSError as e:
+            return f"unreadable ({e.strerror or e})"
+        if len(data) < 4:
+            return f"truncated ({len(data)} bytes)"
+        if self.layout["compression"] is None:
+            a = self._arrays[name]
+            expected = int(np.prod(a.chunks)) * a.dtype.itemsize + 4
+            if len(data) != expected:
+                return f"wrong size ({len(data)} bytes, expected {expected}): truncated or overwritten"
+        stored, computed = data[-4:], np.uint32(google_crc32c.value(data[:-4])).tobytes()
+        if stored != computed:
+            return f"crc32c mismatch (stored {stored.hex()}, computed {computed.hex()})"
+        return None
+
+    def verify_shard(self, shard_id: int) -> list[Damage]:
+        """Every damaged chunk of shard ``shard_id``: a chunk file whose crc32c or size is wrong, and a
+        missing chunk file of a source marked done. Reads each chunk file once, decodes nothing but the
+        shard's ``done`` chunk. A damaged ``done`` chunk makes every source of the shard damaged (its
+        flags cannot be trusted); missing chunks then cannot be judged, damaged ones still are."""
+        r = self.shard_range(shard_id)
+        damages: list[Damage] = []
+        done = np.zeros(len(r), dtype=bool)
+        done_file = self._chunk_file("done", r.start)
+        if done_file.exists():
+            why = self._chunk_problem("done", done_file)
+            if why is None:
+                try:
+                    done = np.asarray(self._arrays["done"][r.start:r.stop], dtype=bool)
+                except Exception as e:  # decodes wrongly although the crc matches (a writer bug)
+                    why = f"undecodable: {e}"
+            if why is not None:
+                damages.append(Damage("done", done_file, r.start, r.stop, why))
+        for name in self._used_arrays():
+            step = self._arrays[name].chunks[0]
+            for c0 in range(r.start, r.stop, step):
+                c1 = min(c0 + step, r.stop)
+                f = self._chunk_file(name, c0)
+                if f.exists():
+                    why = self._chunk_problem(name, f)
+                elif done[c0 - r.start:c1 - r.start].any():
+                    why = "chunk file missing, though its sources are marked done"
+                else:
+                    continue
+                if why is not None:
+                    damages.append(Damage(name, f, c0, c1, why))
+        return damages
+
+    def repair(self, damages: Sequence[Damage]) -> list[int]:
+        """Make the sources of ``damages`` regenerable; returns them, sorted. Their ``done`` flags are
+        cleared first (a damaged ``done`` chunk is deleted: its shard then counts as not done), then the
+        damaged chunk files are deleted, so a crash half-way leaves nothing marked done that is not
+        whole, and the job's writes never read a damaged chunk back (Zarr rewrites a partly covered
+        chunk by reading it)."""
+        self._require_writable()
+        for d in damages:
+            if d.array == "done":
+                d.chunk.unlink(missing_ok=True)
+        sources = sorted({i for d in damages for i in d.sources()})
+        lost_flags = {i for d in damages if d.array == "done" for i in d.sources()}
+        self.invalidate([i for i in sources if i not in lost_flags])
+        for d in damages:
+            if d.array != "done":
+                d.chunk.unlink(missing_ok=True)
+        for name in {d.array for d in damages}:
+            _fsync_dir(self.path / name)
+        return sources
+
 
 class ViewStoreReader:
     """Read side for the data path: ``len``, ``views(i)``, ``interp(i)``, ``is_done(i)``,
     ``iter_shard(s)``, ``missing()``.
 
     The ``done`` mask is read once at open (:meth:`refresh` re-reads it). Reading a source that is not
-    done raises :class:`ViewStoreError`. Picklable (reopens lazily), so it can be handed to spawned
+    done raises :class:`ViewStoreError`. A damaged ``done`` chunk raises :class:`ViewStoreCorruptError`
+    at open; with ``tolerate_damage=True`` (the training loader) its shard counts as done instead and
+    reading any of its sources raises it. Picklable (reopens lazily), so it can be handed to spawned
     loader workers.
     """
 
     def __init__(self, path, expect_fingerprint: str | None = None,
-                 expect_generator_hash: str | None = None):
+                 expect_generator_hash: str | None = None, tolerate_damage: bool = False):
         self.path = Path(path)
         self.expect_fingerprint = expect_fingerprint
         self.expect_generator_hash = expect_generator_hash
+        self.tolerate_damage = bool(tolerate_damage)
         self._store: ViewStore | None = None
         self._done: np.ndarray | None = None
+        self._bad_flags: dict[int, str] = {}  # shard -> why its done chunk is unreadable
         _ = self.store                      # open now: provenance errors surface at construction
 
     def __getstate__(self):
         # the done mask travels with the pickle, so workers need not re-read N/S done chunks
         return {"path": self.path, "expect_fingerprint": self.expect_fingerprint,
-                "expect_generator_hash": self.expect_generator_hash, "_done": self._done}
+                "expect_generator_hash": self.expect_generator_hash, "tolerate_damage": self.tolerate_damage,
+                "_done": self._done, "_bad_flags": self._bad_flags}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -475,11 +585,31 @@ class ViewStoreReader:
             self._store = open_view_store(self.path, "r", self.expect_fingerprint,
                                           self.expect_generator_hash)
             if self._done is None:
-                self._done = self._store.done_mask()
+                self.refresh()
         return self._store
 
     def refresh(self) -> None:
-        self._done = self.store.done_mask()
+        """Re-read the done mask (class docstring for a damaged ``done`` chunk)."""
+        s = self.store
+        self._bad_flags = {}
+        if not self.tolerate_damage:
+            self._done = s.done_mask()
+            return
+        try:
+            self._done = np.asarray(s._arrays["done"][:], dtype=bool)  # one read, the usual case
+            return
+        except Exception:
+            pass
+        parts = []
+        for shard in range(s.n_shards):
+            r = s.shard_range(shard)
+            try:
+                parts.append(np.asarray(s._read("done", slice(r.start, r.stop),
+                                                f"sources {r.start}..{r.stop - 1} (shard {shard})"), dtype=bool))
+            except ViewStoreCorruptError as e:
+                self._bad_flags[shard] = str(e)
+                parts.append(np.ones(len(r), dtype=bool))
+        self._done = np.concatenate(parts)
 
     def __len__(self) -> int:
         return self.store.n_sources
@@ -505,6 +635,9 @@ class ViewStoreReader:
         if not self._done[i]:
             raise ViewStoreError(f"source {i} of view store {self.path} is not generated yet (done=False); "
                                  f"rerun the generation job to complete the store")
+        bad = self._bad_flags.get(self.store.shard_of(i))
+        if bad is not None:
+            raise ViewStoreCorruptError(bad)
         return i
 
     def views(self, i: int) -> np.ndarray:

@@ -107,14 +107,17 @@ def stage_eldm(cfg, dist: DistInfo, encoder: Path, ds_config: str | None) -> Pat
 
 def stage_views(cfg, dist: DistInfo, eldm: Path | None, **changes) -> Path:
     """The view store ``out/views.zarr`` (or ``views=``) from the E-LDM at ``eldm``; ``changes`` are
-    further generation keys (MixDiff: ``pipeline=`` and the judging ``encoder=`` instead of an E-LDM)."""
+    further generation keys (MixDiff: ``pipeline=`` and the judging ``encoder=`` instead of an E-LDM).
+    A rerun verifies the store first and regenerates its damaged sources (recipes/generate_views.py
+    ``verify=true``); a supplied ``views=`` is used as it is (the loader falls back to real crops for
+    damaged views and reports them)."""
     from genssl.recipes import generate_views as generation_recipe
 
     if cfg.views:
         return Path(cfg.views)
     gcfg = dataclasses.replace(cfg.generation, eldm=str(eldm) if eldm else "", data=cfg.data,
                                out=str(Path(cfg.out) / "views.zarr"), seed=cfg.seed, cache_dir=cfg.cache_dir,
-                               num_workers=cfg.num_workers, progress=cfg.log.progress, **changes)
+                               num_workers=cfg.num_workers, progress=cfg.log.progress, verify=True, **changes)
     generation_recipe.generate(gcfg, dist)  # skips every finished source; refuses a mismatched store
     return Path(gcfg.out)
 

@@ -304,6 +304,8 @@ def fit(cfg: TrainConfig, dist: DistInfo, student: nn.Module, objective: nn.Modu
                           "momentum": float(momentum_sched[global_step - 1]),
                           "images_per_s": rates[-1], "mem_gb": peak_memory_gb(dist.device),
                           "skipped_steps": skipped}
+                if hasattr(loader, "read_problems"):  # data the loader could not use as asked (docs/DATA.md)
+                    record.update(_sum_over_ranks(loader.read_problems(), dist))
                 logger.log(record)
                 window_images, window_start = 0, time.perf_counter()
             if cfg.ckpt.every_steps and global_step % cfg.ckpt.every_steps == 0 and global_step < total_steps:
@@ -332,6 +334,17 @@ def _mean_over_ranks(value: torch.Tensor, dist: DistInfo) -> float:
     if dist.world_size > 1:
         tdist.all_reduce(value)
     return float(value) / dist.world_size
+
+
+def _sum_over_ranks(counts: dict[str, int], dist: DistInfo) -> dict[str, int]:
+    """Per-rank counts summed over the ranks (every rank calls this at the same step). A file or
+    source met by two ranks in different epochs counts twice."""
+    import torch.distributed as tdist
+
+    values = torch.tensor([float(v) for v in counts.values()], dtype=torch.float64, device=dist.device)
+    if dist.world_size > 1:
+        tdist.all_reduce(values)
+    return {k: int(v) for k, v in zip(counts, values.tolist())}
 
 
 def _on_nonfinite(cfg: TrainConfig, dist: DistInfo, what: str, step: int, skipped: int, consecutive: int) -> tuple[int, int]:

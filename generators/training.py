@@ -1,16 +1,15 @@
-"""Training pieces of the generator recipes (``recipes/autoencoder.py``, ``recipes/eldm.py``) that
-plug into the engine's ``fit`` (docs/METHODS.md §1.2–1.3).
+"""The data side of the generator recipes' training (``recipes/autoencoder.py``, ``recipes/eldm.py``,
+docs/METHODS.md §1.2–1.3): what their objectives read, and the per-step noise that makes resume exact.
+
+Their objectives live in :mod:`genssl.generators.autoencoder_objective` and
+:mod:`genssl.generators.eldm_objective`.
 
 * :class:`TensorBatchLoader` — batches of in-memory (or memory-mapped) per-sample tensors (latents,
   embeddings, images), in the shared epoch order of :func:`genssl.data.sampler.rank_batches`, so a
   resumed run reads exactly the batches of an uninterrupted one. Same protocol as the DALI loaders:
   ``set_epoch``, ``len()`` = steps per epoch, ``iter_from(step)``.
-* :class:`AutoencoderObjective` — the KL autoencoder loss (:func:`~genssl.generators.autoencoder.
-  autoencoder_loss`) through the DeepSpeed engine; no teacher. The student is an
-  :class:`AutoencoderLossModule` (the diffusers model is its ``.ae``).
-* :class:`ELDMObjective` — the E-LDM ε-prediction loss with CFG dropout (:meth:`ELDM.training_loss`,
-  run through the DeepSpeed engine) and an :class:`~genssl.models.ema.EMATeacher`, so
-  ``objective.teacher.module`` is the EMA E-LDM (checkpointed with the objective).
+* :func:`step_generator` — the CPU generator of the training noise of (seed, global step, rank):
+  with the loader's order, it makes step k of a resumed run equal to step k of an uninterrupted one.
 * Dataset caches: :func:`cached_embeddings` (``e = normalize(f0(I))``, the CLS feature of the frozen
   encoder) and :func:`cached_latents` (autoencoder latents, posterior mean), each computed once per
   (dataset fingerprint, model hash, preprocessing) and stored with
@@ -37,17 +36,13 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from genssl.data.sampler import EpochLoader
-from genssl.generators.autoencoder import LatentCache, autoencoder_hash, autoencoder_loss, encode, from_uint8
-from genssl.generators.eldm import ELDM
-from genssl.models.ema import EMATeacher
+from genssl.generators.autoencoder import LatentCache, autoencoder_hash, encode
 
 __all__ = [
-    "TensorBatchLoader", "AutoencoderLossModule", "AutoencoderObjective", "ELDMObjective",
-    "EncoderInput", "encoder_input", "file_sha256", "cached_embeddings", "cached_latents",
-    "cached_dataset_tensor", "open_cache_mmap", "full_fp32_state_dict", "step_generator",
+    "TensorBatchLoader", "step_generator", "EncoderInput", "encoder_input", "file_sha256", "cached_embeddings",
+    "cached_latents", "cached_dataset_tensor", "open_cache_mmap", "AE_MEAN", "AE_STD",
 ]
 
 AE_MEAN = (0.5, 0.5, 0.5)   # DaliEvalLoader normalisation that maps [0, 255] to [-1, 1]
@@ -102,142 +97,6 @@ class TensorBatchLoader(EpochLoader):
             batch = {k: self._take(v, idx) for k, v in self.tensors.items()}
             batch["index"] = torch.from_numpy(idx)
             yield batch
-
-
-# ------------------------------------------------------------------------------------------------
-# objectives
-
-
-class AutoencoderLossModule(nn.Module):
-    """What DeepSpeed optimises for the autoencoder: ``forward(images, generator) -> (loss, rec, kl)``
-    with :func:`autoencoder_loss` on the wrapped diffusers model ``self.ae``. (The loss calls
-    ``ae.encode``/``ae.decode``, not ``ae.forward``; wrapping it keeps every parameter access inside
-    the engine's forward, which ZeRO-3's parameter gathering hooks rely on.)"""
-
-    def __init__(self, ae: nn.Module, kl_weight: float = 1e-6, rec: str = "l1"):
-        super().__init__()
-        self.ae = ae
-        self.kl_weight, self.rec = float(kl_weight), rec
-
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None):
-        loss, parts = autoencoder_loss(self.ae, images, kl_weight=self.kl_weight, rec=self.rec,
-                                       generator=generator, return_parts=True)
-        return loss, torch.tensor(parts["rec"]), torch.tensor(parts["kl"])
-
-
-def _images_of(batch) -> torch.Tensor:
-    """Images in [-1, 1] from a DALI multi-crop batch ``(crops, indices)`` (normalised with mean = std
-    = 0.5: the first crop) or a :class:`TensorBatchLoader` batch (``images``: uint8 ``[B,H,W,3]`` or
-    float ``[B,3,H,W]`` in [-1, 1])."""
-    if isinstance(batch, dict):
-        x = batch["images"]
-        return from_uint8(x) if x.dtype == torch.uint8 else x
-    crops, _ = batch
-    return crops[0]
-
-
-class AutoencoderObjective(nn.Module):
-    """KL autoencoder training through ``fit``: ``loss = rec + kl_weight·KL`` (the weights live in the
-    student, an :class:`AutoencoderLossModule`); no EMA teacher. The posterior sample of step k on
-    rank r comes from :func:`step_generator` (exact resume)."""
-
-    teacher = None
-
-    def __init__(self, dtype: torch.dtype = torch.float32, seed: int = 0, rank: int = 0):
-        super().__init__()
-        self.dtype, self.seed, self.rank = dtype, int(seed), int(rank)
-
-    def training_loss(self, engine, batch, progress):
-        images = _images_of(batch).to(engine.device, self.dtype, non_blocking=True)
-        gen = step_generator(self.seed, progress.global_step, self.rank)
-        loss, rec, kl = engine(images, gen)
-        return loss.float(), {"rec": rec, "kl": kl}
-
-
-class _EngineAsELDM:
-    """Lets :meth:`ELDM.training_loss` run unchanged with the DeepSpeed engine as ``self``: the
-    forward goes through ``engine(...)`` (ZeRO hooks, mixed precision); config and noise schedule come
-    from the wrapped model. (``engine.config`` is DeepSpeed's own config, hence this adapter.)"""
-
-    def __init__(self, engine):
-        self._engine = engine
-        self.config = engine.module.config
-        self.noise_scheduler = engine.module.noise_scheduler
-
-    def __call__(self, *args, **kwargs):
-        return self._engine(*args, **kwargs)
-
-
-class ELDMObjective(nn.Module):
-    """E-LDM training through ``fit``: ``ELDM.training_loss`` (t ~ U{0..T−1}, ε-MSE, CFG dropout
-    p = ``config.cfg_dropout``) on batches ``{"latents", "embeddings"}``, with an EMA teacher
-    (``teacher.module`` is the EMA E-LDM; fp32; ZeRO-3-aware; updated by ``fit``).
-
-    ``preview(objective, global_step)``, when given, is called on every rank at the start of each step
-    (the recipe draws a sample grid from the EMA model on rank 0 every N steps). t, ε and the drop
-    mask of step k on rank r come from :func:`step_generator`, so a resumed run repeats them.
-    """
-
-    def __init__(self, eldm: ELDM, dtype: torch.dtype = torch.float32, seed: int = 0, rank: int = 0,
-                 ema: bool = True, preview: Callable | None = None):
-        super().__init__()
-        self.teacher = EMATeacher(eldm) if ema else None
-        self.dtype, self.seed, self.rank = dtype, int(seed), int(rank)
-        self.preview = preview
-
-    def training_loss(self, engine, batch, progress):
-        if self.preview is not None:
-            self.preview(self, progress.global_step)
-        latents = batch["latents"].to(engine.device, self.dtype, non_blocking=True)
-        emb = batch["embeddings"].to(engine.device, torch.float32, non_blocking=True)
-        gen = step_generator(self.seed, progress.global_step, self.rank)
-        loss = ELDM.training_loss(_EngineAsELDM(engine), latents, emb, generator=gen)
-        return loss, {}
-
-
-def _unfused_masters(optimizer) -> dict[int, torch.Tensor]:
-    """fp32 master copies kept by DeepSpeed's fp16/bf16 optimizers without ZeRO (``FP16_UnfusedOptimizer``:
-    ``fp16_groups``/``fp32_groups``; ``FP16_Optimizer``: ``fp16_groups``/``fp32_groups_flat``), by id of the
-    low-precision parameter."""
-    masters: dict[int, torch.Tensor] = {}
-    low = getattr(optimizer, "fp16_groups", None)
-    if not low:
-        return masters
-    high = getattr(optimizer, "fp32_groups", None)
-    if high and len(high) == len(low) and all(isinstance(h, (list, tuple)) for h in high):
-        for lg, hg in zip(low, high):
-            masters.update({id(lp): hp for lp, hp in zip(lg, hg)})
-        return masters
-    flat = getattr(optimizer, "fp32_groups_flat", None)
-    if flat and len(flat) == len(low):
-        from torch._utils import _unflatten_dense_tensors
-
-        for lg, f in zip(low, flat):
-            masters.update({id(lp): hp for lp, hp in zip(lg, _unflatten_dense_tensors(f, lg))})
-    return masters
-
-
-@torch.no_grad()
-def full_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
-    """The fp32 weights of the module a DeepSpeed ``engine`` trains, on every rank (collective under ZeRO-3).
-
-    Takes the optimizer's fp32 master copy wherever there is one — ZeRO 1–3 and the BF16 optimizer
-    (``safe_get_full_fp32_param``), DeepSpeed's fp16/bf16 optimizers without ZeRO (their fp32 groups) —
-    and the parameter itself otherwise (fp32 training). Every rank must call it.
-    """
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    module = engine.module
-    masters = _unfused_masters(getattr(engine, "optimizer", None))
-    state = {}
-    for name, p in module.named_parameters():
-        full = safe_get_full_fp32_param(p)
-        if full is None:
-            full = masters.get(id(p), p.detach())
-        state[name] = full.float().cpu().clone()
-    for name, b in module.named_buffers():
-        state[name] = b.detach().cpu().clone()
-    return state
 
 
 # ------------------------------------------------------------------------------------------------

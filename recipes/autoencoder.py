@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Literal
 
@@ -33,14 +32,15 @@ import torch
 
 from genssl.data.augment import MultiCropSpec
 from genssl.engine.cli import run_main
-from genssl.engine.config import ConfigError, parse_config, presets_in_effect, run_identity, to_dict
+from genssl.engine.config import ConfigError, parse_config, run_identity, to_dict
 from genssl.engine.distributed import DistInfo, barrier, cleanup, setup_distributed
 from genssl.engine.run_config import TrainConfig
 from genssl.engine.setup import Data, load_data
 from genssl.engine.trainer import compute_dtype, fit
 from genssl.generators.autoencoder import (AutoencoderConfig, autoencoder_hash, build_autoencoder,
                                            downsample_factor, load_pretrained_autoencoder)
-from genssl.generators.training import AE_MEAN, AE_STD, AutoencoderLossModule, AutoencoderObjective, full_fp32_state_dict
+from genssl.generators.autoencoder_objective import AutoencoderLossModule, AutoencoderObjective, full_fp32_state_dict
+from genssl.generators.training import AE_MEAN, AE_STD
 
 AE_DIR = "autoencoder"
 META_FILE = "genssl.json"
@@ -109,6 +109,13 @@ PRESETS = {
         "ckpt": {"every_steps": 2000}, "log": {"every_steps": 50}, "eval": {"knn": False},
     },
 }
+
+
+def presets(cuda: bool | None = None) -> dict[str, dict]:
+    """The presets on this machine (``cuda``: default, whether one is visible): on a CUDA machine the
+    smoke preset trains in bf16 (a ``precision=`` on the command line still wins)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return {**PRESETS, "smoke": {**SMOKE, "precision": "bf16"}} if cuda else PRESETS
 
 
 def _log(dist: DistInfo, msg: str) -> None:
@@ -241,20 +248,8 @@ def train_autoencoder(cfg: AutoencoderRecipeConfig, dist: DistInfo, data: Data |
     return load_pretrained_autoencoder(folder).to(dist.device).eval(), folder
 
 
-def resolve_preset(argv: list[str], default: str = "smoke") -> list[str]:
-    """``argv`` with its presets made explicit (``presets_in_effect``: ``preset=<default>`` when none
-    is given, none under ``config=FILE``); on a CUDA machine the smoke preset trains in bf16 unless
-    ``precision=`` is given."""
-    presets = presets_in_effect(argv, default)
-    argv = [*(f"preset={name}" for name in presets), *(a for a in argv if not a.startswith("preset="))]
-    if presets[-1:] == ["smoke"] and torch.cuda.is_available() and not any(a.startswith("precision=") for a in argv):
-        argv.append("precision=bf16")
-    return argv
-
-
 def main(argv: list[str] | None = None):
-    argv = resolve_preset(list(sys.argv[1:] if argv is None else argv))
-    args = parse_config(argv, AutoencoderRecipeConfig, PRESETS)
+    args = parse_config(argv, AutoencoderRecipeConfig, presets(), default_preset="smoke")
     cfg: AutoencoderRecipeConfig = args.config
     dist = setup_distributed(args.local_rank)
     ae, folder = train_autoencoder(cfg, dist, deepspeed_config=args.deepspeed_config)

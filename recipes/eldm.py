@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Literal
 
@@ -39,16 +38,15 @@ import torch
 from genssl.engine.cli import run_main
 from genssl.engine.config import ConfigError, parse_config, to_dict
 from genssl.engine.distributed import DistInfo, barrier, cleanup, setup_distributed
-from genssl.engine.metrics import log_image
 from genssl.engine.run_config import TrainConfig
 from genssl.engine.setup import load_data
 from genssl.engine.trainer import compute_dtype, fit
-from genssl.generators.autoencoder import autoencoder_hash, decode, downsample_factor, to_uint8
+from genssl.generators.autoencoder import autoencoder_hash, downsample_factor, to_uint8
 from genssl.generators.eldm import ELDM, ELDMConfig, save_eldm
-from genssl.generators.training import (AE_MEAN, AE_STD, ELDMObjective, TensorBatchLoader, cached_embeddings,
-                                        cached_latents)
+from genssl.generators.eldm_objective import ELDMObjective, SamplePreview
+from genssl.generators.training import AE_MEAN, AE_STD, TensorBatchLoader, cached_embeddings, cached_latents
 from genssl.recipes.autoencoder import (PRESETS as AE_PRESETS, AutoencoderRecipeConfig, load_user_autoencoder,
-                                        resolve_preset, train_autoencoder)
+                                        train_autoencoder)
 
 ELDM_DIR = "eldm"
 GENERATOR_FILE = "generator.json"
@@ -131,6 +129,14 @@ PRESETS = {
 }
 
 
+def presets(cuda: bool | None = None) -> dict[str, dict]:
+    """The presets on this machine (``cuda``: default, whether one is visible): on a CUDA machine the
+    smoke preset trains the E-LDM and its autoencoder in bf16 (``precision=`` and ``ae.precision=`` on
+    the command line still win, each for its own model)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return {**PRESETS, "smoke": _merge(SMOKE, {"precision": "bf16", "ae": {"precision": "bf16"}})} if cuda else PRESETS
+
+
 def resolve_eldm_dir(spec: str | os.PathLike) -> Path:
     """``eldm=`` accepts the E-LDM run directory, its ``eldm/`` folder or ``eldm.safetensors``."""
     p = Path(spec).expanduser()
@@ -160,51 +166,6 @@ def _check_run_inputs(out: Path, inputs: dict, dist: DistInfo) -> None:
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         tmp.write_text(json.dumps(inputs, indent=2))
         os.replace(tmp, path)
-
-
-class SamplePreview:
-    """A PNG grid of real images, their autoencoder reconstructions and EMA samples (rank 0 only),
-    also logged as the image ``eldm/samples`` into ``tensorboard_dir``'s event files when given."""
-
-    def __init__(self, out_dir: Path, every: int, ae, real: np.ndarray, latents: np.ndarray, embeddings: np.ndarray,
-                 steps: int, guidance: float, device: torch.device, enabled: bool, seed: int = 0,
-                 tensorboard_dir: Path | None = None):
-        self.out_dir, self.every, self.ae, self.real = Path(out_dir), int(every), ae, real
-        self.tensorboard_dir = tensorboard_dir
-        self.latents, self.embeddings = latents, embeddings
-        self.steps, self.guidance, self.device, self.enabled = steps, guidance, device, enabled
-        self.seeds = np.arange(len(real), dtype=np.int64) + 1000 * seed
-
-    def __call__(self, objective, step: int) -> None:
-        if self.enabled and self.every > 0 and step > 0 and step % self.every == 0:
-            self.write(objective.teacher.module, f"step{step:08d}", step)
-
-    @torch.no_grad()
-    def write(self, eldm: ELDM, name: str, step: int) -> Path | None:
-        if not self.enabled:
-            return None
-        from PIL import Image
-
-        from genssl.generators.samplers import GuidedSampler
-
-        was_training = eldm.training
-        sampler = GuidedSampler(eldm, self.ae, scheduler="ddim", steps=self.steps, guidance=self.guidance,
-                                backend="eager", device=self.device, dtype=torch.float32, max_batch=len(self.real))
-        generated = sampler.sample(torch.from_numpy(self.embeddings), self.seeds)
-        recon = to_uint8(decode(self.ae, torch.from_numpy(self.latents).float().to(self.device))).cpu().numpy()
-        eldm.train(was_training)
-        zoom = max(1, -(-64 // generated.shape[1]))  # tiles at least 64 px, nearest-neighbour
-        rows = [np.concatenate(list(r), axis=1).repeat(zoom, 0).repeat(zoom, 1) for r in (self.real, recon, generated)]
-        pad = np.full((2, rows[0].shape[1], 3), 255, np.uint8)
-        grid = np.concatenate([rows[0], pad, rows[1], pad, rows[2]], axis=0)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / f"{name}.png"
-        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-        Image.fromarray(grid).save(tmp)
-        os.replace(tmp, path)
-        if self.tensorboard_dir is not None:
-            log_image(self.tensorboard_dir, "eldm/samples", grid, step)
-        return path
 
 
 def _preview_images(index, rows: np.ndarray, size: int, dist: DistInfo) -> np.ndarray:
@@ -303,10 +264,7 @@ def train_eldm(cfg: ELDMRecipeConfig, dist: DistInfo, deepspeed_config: str | No
 
 
 def main(argv: list[str] | None = None) -> Path:
-    argv = resolve_preset(list(sys.argv[1:] if argv is None else argv))
-    if torch.cuda.is_available() and "precision=bf16" in argv and not any(a.startswith("ae.precision=") for a in argv):
-        argv.append("ae.precision=bf16")
-    args = parse_config(argv, ELDMRecipeConfig, PRESETS)
+    args = parse_config(argv, ELDMRecipeConfig, presets(), default_preset="smoke")
     dist = setup_distributed(args.local_rank)
     folder = train_eldm(args.config, dist, args.deepspeed_config)
     cleanup()

@@ -22,6 +22,12 @@ views of each source from the source image itself (``steps``, ``guidance``, ``ba
 ``precision`` apply; ``image_size=`` the views' side; interpolated views slerp the CLIP image
 embeddings; the quality report needs ``encoder=``, an encoder to judge the views).
 
+``verify=true`` first checks the existing store (every rank its own shards: the crc32c of every chunk,
+and that every source marked done has its chunk files), prints a summary, marks the sources of each
+damaged chunk not done and deletes the chunk, so this run regenerates them (byte-identical to the
+undamaged store); a loader's ``STORE.damage.json`` is then superseded and removed. It reads the
+whole store once. The pipelines' generation stage (engine/pipeline.py ``stage_views``) always verifies.
+
 ``backend=`` ``eager`` | ``compile`` | ``cudagraphs`` | ``tensorrt``: one that cannot run here fails at
 start, naming those that can. ``contact_sheet=PATH.png`` writes a grid of random sources at the end.
 
@@ -49,7 +55,7 @@ from genssl.engine.distributed import DistInfo, barrier, broadcast_object, clean
 from genssl.engine.setup import load_data
 from genssl.generators.autoencoder import autoencoder_hash, load_pretrained_autoencoder
 from genssl.generators.eldm import load_eldm
-from genssl.generators.job import DEFAULT_ALPHAS, contact_sheet, run_generation
+from genssl.generators.job import DEFAULT_ALPHAS, contact_sheet, format_verification, run_generation, verify_store
 from genssl.generators.conditioning import EmbeddingStats
 from genssl.generators.samplers import GuidedSampler
 from genssl.generators.training import EncoderInput, cached_embeddings
@@ -86,6 +92,7 @@ class GenerateConfig:
     progress: bool = True
     report: bool = True  # the view-quality report at the end (printed; written to STORE.quality.json)
     report_sources: int = 256  # sources sampled for the report (all their views are embedded)
+    verify: bool = False  # check every chunk of an existing store first and regenerate the damaged sources
 
     def validate(self) -> None:
         if self.views_per_image < 0 or self.interp_per_image < 0 or self.views_per_image + self.interp_per_image < 1:
@@ -224,6 +231,7 @@ def generate(cfg: GenerateConfig, dist: DistInfo) -> dict:
     generator_hash = sampler.generator_hash()
 
     store_path = Path(cfg.out)
+    verified = _verify(cfg, dist, store_path, index.fingerprint, generator_hash) if cfg.verify else None
     complete = False
     if dist.is_main and (store_path / "zarr.json").is_file():
         try:
@@ -263,6 +271,8 @@ def generate(cfg: GenerateConfig, dist: DistInfo) -> dict:
              "skipped": sum(r["skipped"] for r in reports), "seconds": max(r["seconds"] for r in reports),
              "world_size": dist.world_size, "n_sources": len(index)}
     total["views_per_s"] = total["views"] / total["seconds"] if total["seconds"] > 0 else 0.0
+    if verified is not None:
+        total["verify"] = verified
     if dist.is_main:
         store = open_view_store(store_path, "r")
         missing = len(store.missing())
@@ -289,6 +299,32 @@ def generate(cfg: GenerateConfig, dist: DistInfo) -> dict:
             print(format_report(total["quality"]), flush=True)
     barrier()
     return total
+
+
+def _verify(cfg: GenerateConfig, dist: DistInfo, store_path: Path, fingerprint: str, generator_hash: str) -> dict | None:
+    """``verify=true``: each rank checks and repairs its shards; the main rank prints the summary. None
+    when there is no store yet."""
+    import torch.distributed as tdist
+
+    if not (store_path / "zarr.json").is_file():
+        return None
+    try:
+        report = verify_store(store_path, dist.rank, dist.world_size, fingerprint=fingerprint,
+                              generator_hash=generator_hash)
+    except ViewStoreError as e:
+        raise GenerationError(str(e)) from None
+    reports = [report]
+    if tdist.is_initialized() and dist.world_size > 1:
+        reports = [None] * dist.world_size
+        tdist.all_gather_object(reports, report)  # also: every rank has repaired before rank 0 reads the flags
+    invalidated = sorted({i for r in reports for i in r["invalidated"]})
+    if dist.is_main:
+        print(format_verification(store_path, reports), flush=True)
+        damage_report = Path(str(store_path) + ".damage.json")
+        if damage_report.is_file():  # what training met is now either repaired or found whole
+            damage_report.unlink()
+            print(f"removed {damage_report} (superseded by this verification)", flush=True)
+    return {"damaged": [d for r in reports for d in r["damaged"]], "invalidated": invalidated}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -147,9 +147,14 @@ def stage_mixdiff(cfg: MixDiffConfig, dist, data, views: Path, ds_config, random
         ds_config, random_init))
 
 
+def method_of(argv: list[str]) -> str:
+    """``method=`` of the command line or ``config=FILE`` (recipes/ssl_methods.py's rule, DINO added)."""
+    return ssl_recipe.method_of(argv, MixDiffConfig.method, tuple(NAMES))
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_config(argv, MixDiffConfig, presets_for(ssl_recipe.method_of(argv, MixDiffConfig.method, tuple(NAMES))), default_preset="smoke")
+    args = parse_config(argv, MixDiffConfig, presets_for(method_of(argv)), default_preset="smoke")
     cfg: MixDiffConfig = args.config
     dist = setup_distributed(args.local_rank)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)

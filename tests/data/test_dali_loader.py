@@ -102,8 +102,8 @@ def test_iter_from_does_not_read_skipped_batches(shapes, monkeypatch):
     loader = DaliMultiCropLoader(train, SPEC, batch_size=8, rank=0, world_size=1, seed=4)
     read = []
     import genssl.data.dali_loader as dl
-    real = dl._read
-    monkeypatch.setattr(dl, "_read", lambda paths, idx, pool=None: read.append(idx.copy()) or real(paths, idx, pool))
+    real = dl.FileReader.batch
+    monkeypatch.setattr(dl.FileReader, "batch", lambda self, idx, pool=None: read.append(np.array(idx)) or real(self, idx, pool))
     list(loader.iter_from(4))
     np.testing.assert_array_equal(np.concatenate(read), loader.batches()[4:].ravel())
 

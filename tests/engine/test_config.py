@@ -12,10 +12,11 @@ import yaml
 from genssl.engine.config import ConfigError, parse_config, presets_in_effect, to_dict, write_config
 from genssl.engine.distributed import DistInfo
 from genssl.engine.trainer import deepspeed_config
-from genssl.recipes.autoencoder import resolve_preset
+from genssl.recipes import autoencoder as ae_recipe
 from genssl.recipes.dino import PRESETS, DINORecipeConfig
 from genssl.recipes.dino_gensis import PRESETS as GENSIS_PRESETS, GenSISConfig
 from genssl.recipes.eldm import PRESETS as ELDM_PRESETS, ELDMRecipeConfig
+from genssl.recipes.eldm import presets as eldm_presets
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -101,13 +102,24 @@ def test_the_default_preset_applies_only_without_preset_and_config() -> None:
 
 
 def test_generator_recipes_reproduce_a_runs_config_yaml(tmp_path) -> None:
-    # recipes/autoencoder.py and recipes/eldm.py make the preset explicit with resolve_preset.
-    cfg = parse_config(resolve_preset(["preset=imagenet", "seed=3"]), ELDMRecipeConfig, ELDM_PRESETS).config
+    # recipes/autoencoder.py and recipes/eldm.py apply their default preset through parse_config.
+    cfg = parse_config(["preset=imagenet", "seed=3"], ELDMRecipeConfig, ELDM_PRESETS, default_preset="smoke").config
     path = tmp_path / "config.yaml"
     write_config(cfg, str(path))
-    assert resolve_preset([f"config={path}"]) == [f"config={path}"]
-    assert to_dict(parse_config(resolve_preset([f"config={path}"]), ELDMRecipeConfig, ELDM_PRESETS).config) == to_dict(cfg)
-    assert resolve_preset(["epochs=2"])[0] == "preset=smoke"
+    again = parse_config([f"config={path}"], ELDMRecipeConfig, ELDM_PRESETS, default_preset="smoke").config
+    assert to_dict(again) == to_dict(cfg)
+    assert parse_config(["epochs=2"], ELDMRecipeConfig, ELDM_PRESETS, default_preset="smoke").config.eldm.image_size == 32
+
+
+def test_generator_smoke_presets_train_in_bf16_on_cuda_only() -> None:
+    on_gpu = parse_config([], ELDMRecipeConfig, eldm_presets(cuda=True), default_preset="smoke").config
+    assert (on_gpu.precision, on_gpu.ae.precision) == ("bf16", "bf16")
+    on_cpu = parse_config([], ELDMRecipeConfig, eldm_presets(cuda=False), default_preset="smoke").config
+    assert (on_cpu.precision, on_cpu.ae.precision) == ("fp32", "fp32")
+    cfg = parse_config(["precision=fp32"], ELDMRecipeConfig, eldm_presets(cuda=True), default_preset="smoke").config
+    assert (cfg.precision, cfg.ae.precision) == ("fp32", "bf16")  # each key its own model's
+    ae = parse_config([], ae_recipe.AutoencoderRecipeConfig, ae_recipe.presets(cuda=True), default_preset="smoke").config
+    assert ae.precision == "bf16" and ae_recipe.PRESETS["smoke"]["precision"] == "fp32"
 
 
 def test_deepspeed_json_tunes_deepspeed_and_never_changes_the_run(tmp_path) -> None:

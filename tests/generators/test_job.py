@@ -27,14 +27,16 @@ SCRIPT = textwrap.dedent("""
     from genssl.generators.autoencoder import build_autoencoder, tiny_autoencoder_config
     from genssl.generators.eldm import ELDM, tiny_eldm_config
     from genssl.generators.job import run_generation
+    from genssl.generators.conditioning import EmbeddingStats
     from genssl.generators.samplers import GuidedSampler
 
     store, rank, world, pause = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
     torch.manual_seed(0)
     eldm = ELDM(tiny_eldm_config())
     ae = build_autoencoder(tiny_autoencoder_config())
-    sampler = GuidedSampler(eldm, ae, scheduler="dpmpp_2m", steps=3, max_batch=4)
     emb = np.random.default_rng(0).standard_normal(({n}, 16)).astype(np.float32)
+    sampler = GuidedSampler(eldm, ae, scheduler="dpmpp_2m", steps=3, max_batch=4,
+                            condition_stats=EmbeddingStats.from_embeddings(emb))
     levels = (np.arange({n}) % 5) * 100
     rep = run_generation(store, {n}, emb, sampler, fingerprint="fp-test", rank=rank, world_size=world,
                          K=1, J=1, base_seed=123, noise_levels=levels, batch_size=4, shard_size=4,

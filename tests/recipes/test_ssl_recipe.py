@@ -1,5 +1,6 @@
 """recipes/ssl_methods.py end to end for every method: DALI CPU pipeline, DeepSpeed, k-NN + linear, export,
-resume after a finished run, SIGKILL mid-run, and 2 ranks under ZeRO-3.
+resume after a finished run, SIGKILL mid-run, and 2 ranks under ZeRO-3 (SimCLR and MoCo v3 on 2 ranks:
+tests/models, equal to one process).
 
 Tiny settings (96 built-in 32 px images, one epoch of 6 steps) keep each run to seconds of training.
 """
@@ -21,6 +22,9 @@ from genssl.tests.helpers import ROOT, assert_accuracies, run_recipe
 
 pytestmark = pytest.mark.slow
 METHODS = ["simclr", "mocov2", "mocov3", "byol", "simsiam", "barlow", "swav"]
+# The rerun of a finished run goes through the engine's resume, the same for every method; checked for
+# one method with a momentum encoder and one without (SIGKILL mid-run is checked below for the queues).
+RERUN = ("byol", "simsiam")
 TINY_DATA = "builtin:shapes?size=32&per_class=8&val_per_class=4"
 TINY = ["epochs=1", "batch_size=16", "log.progress=false", "log.every_steps=1", "num_workers=1",
         "eval.linear_epochs=10", f"data={TINY_DATA}"]
@@ -35,7 +39,7 @@ def _losses(run: Path) -> dict[int, float]:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_method_trains_exports_evaluates_and_resumes(method: str, tmp_path: Path) -> None:
+def test_method_trains_exports_and_evaluates(method: str, tmp_path: Path) -> None:
     out = run_recipe(_ssl(method, tmp_path), timeout=600)
     result = json.loads((tmp_path / "eval.json").read_text())
     assert_accuracies(result, n_test=12 * 4)
@@ -47,11 +51,11 @@ def test_method_trains_exports_evaluates_and_resumes(method: str, tmp_path: Path
     assert len(losses) == 6 and all(v == v for v in losses.values()), losses  # 96 images / 16, no NaN
     encoder = json.loads((tmp_path / "encoder.json").read_text())
     assert encoder["config"]["method"] == method
-
-    again = run_recipe(_ssl(method, tmp_path), timeout=600)  # finished: resumes at its last step, re-evaluates
-    assert "resumed from" in again and _losses(tmp_path) == losses
-    rerun = json.loads((tmp_path / "eval.json").read_text())
-    assert rerun["knn_top1"] == result["knn_top1"], "the exported encoder must be the same after a resume"
+    if method in RERUN:  # a finished run resumes at its last step and re-evaluates the same encoder
+        again = run_recipe(_ssl(method, tmp_path), timeout=600)
+        assert "resumed from" in again and _losses(tmp_path) == losses
+        rerun = json.loads((tmp_path / "eval.json").read_text())
+        assert rerun["knn_top1"] == result["knn_top1"], "the exported encoder must be the same after a resume"
 
 
 def _kill_after_checkpoint(cmd: list[str], run: Path, step: int) -> None:
@@ -88,11 +92,10 @@ def test_sigkill_then_rerun_gives_the_same_losses(method: str, tmp_path: Path) -
         assert abs(ref[step] - got[step]) < 1e-5, (step, ref[step], got[step])
 
 
-@pytest.mark.parametrize("method", ["simclr", "mocov2"])
+@pytest.mark.parametrize("method", ["mocov2"])  # gathered keys and a queue identical across ranks
 def test_two_ranks_zero3(method: str, tmp_path: Path) -> None:
     deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    port = "29641" if method == "simclr" else "29642"
-    cmd = [deepspeed, "--num_gpus", "2", "--master_port", port, "recipes/ssl_methods.py", f"method={method}", *TINY,
+    cmd = [deepspeed, "--num_gpus", "2", "--master_port", "29642", "recipes/ssl_methods.py", f"method={method}", *TINY,
            "batch_size=8", "zero_stage=3", f"out={tmp_path}"]
     run_recipe(cmd, timeout=600)
     result = json.loads((tmp_path / "eval.json").read_text())
