@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from genssl.models.ema import EMATeacher
 from genssl.models.heads import SSLStudent, backbone_over_crops, projection_mlp
+from genssl.models.qdc import quality_weights
 
 __all__ = ["BYOLConfig", "build_byol_student", "byol_loss", "byol_loss_reference", "BYOLObjective"]
 
@@ -57,19 +58,22 @@ def build_byol_student(backbone: nn.Module, cfg: BYOLConfig) -> SSLStudent:
     return SSLStudent(backbone, projector, predictor)
 
 
-def byol_loss(p: Tensor, z: Tensor) -> Tensor:
-    """``mean_rows (2 − 2·cos(p, sg(z)))``: p [n, D] online predictions, z [n, D] target projections.
+def byol_loss(p: Tensor, z: Tensor, weights: Tensor | None = None) -> Tensor:
+    """``mean_rows w·(2 − 2·cos(p, sg(z)))``: p [n, D] online predictions, z [n, D] target projections,
+    ``weights`` [n] optional per-pair weights (GenView's QDC weights, detached; default 1).
 
     ``z`` is detached here: the target never takes a gradient, whatever the caller passes.
     """
     if p.dim() != 2 or p.shape != z.shape:
         raise ValueError(f"p and z must both be [n, D] with the same shape, got {tuple(p.shape)} and {tuple(z.shape)}")
-    return (2 - 2 * (F.normalize(p, dim=1) * F.normalize(z.detach(), dim=1)).sum(1)).mean()
+    rows = 2 - 2 * (F.normalize(p, dim=1) * F.normalize(z.detach(), dim=1)).sum(1)
+    return (rows if weights is None else weights.detach().to(rows.dtype) * rows).mean()
 
 
-def byol_loss_reference(p: Tensor, z: Tensor) -> Tensor:
-    """Per-row loop of the official ``regression_loss`` ‖p̂ − ẑ‖² (tests only)."""
-    rows = [((p[i] / p[i].norm() - z[i].detach() / z[i].detach().norm()) ** 2).sum() for i in range(p.shape[0])]
+def byol_loss_reference(p: Tensor, z: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Per-row loop of the official ``regression_loss`` ‖p̂ − ẑ‖², weighted (tests only)."""
+    w = torch.ones(p.shape[0], dtype=p.dtype) if weights is None else weights
+    rows = [w[i] * ((p[i] / p[i].norm() - z[i].detach() / z[i].detach().norm()) ** 2).sum() for i in range(p.shape[0])]
     return torch.stack(rows).mean()
 
 
@@ -101,7 +105,8 @@ class BYOLObjective(nn.Module):
         # One call per view, as the official code: BatchNorm statistics are per view.
         p1, p2 = (engine(view.to(self.dtype))[1] for view in crops)
         p1, p2 = (p.to(torch.promote_types(p.dtype, torch.float32)) for p in (p1, p2))
-        loss_1, loss_2 = byol_loss(p1, t2), byol_loss(p2, t1)  # view 1 predicts view 2's target, and back
+        w = quality_weights(self, crops[0], crops[1])  # GenView QDC (models/qdc.py); None: unweighted
+        loss_1, loss_2 = byol_loss(p1, t2, w), byol_loss(p2, t1, w)  # view 1 predicts view 2's target, and back
         return loss_1 + loss_2, {"loss_view1": loss_1.detach(), "loss_view2": loss_2.detach()}
 
     def late_parameters(self, student: SSLStudent) -> list[nn.Parameter]:

@@ -40,6 +40,7 @@ from genssl.kernels.distributed import all_gather_no_grad
 from genssl.models.contrastive import MoCoV2Loss
 from genssl.models.ema import EMATeacher
 from genssl.models.heads import SSLStudent, projection_mlp
+from genssl.models.qdc import quality_weights
 from genssl.models.simclr import two_view_crops
 
 __all__ = ["MoCoV2Config", "build_mocov2_student", "MoCoV2Objective", "mocov2_loss_reference"]
@@ -113,7 +114,7 @@ class MoCoV2Objective(nn.Module):
         x_q, x_k = two_view_crops(crops, "mocov2")
         k = self.keys(x_k)
         q = self.queries(engine, x_q)
-        loss = self.loss(q, k, update_queue=False)
+        loss = self.loss(q, k, weights=quality_weights(self, x_q, x_k), update_queue=False)  # GenView QDC (models/qdc.py)
         self._pending_keys = all_gather_no_grad(F.normalize(k, dim=1))  # [W*B, D], rank order
         return loss, {"loss_contrastive": loss.detach()}
 

@@ -34,6 +34,7 @@ from torch import nn
 from genssl.models.contrastive import MoCoV3Loss
 from genssl.models.ema import EMATeacher
 from genssl.models.heads import SSLStudent, backbone_over_crops, projection_mlp
+from genssl.models.qdc import quality_weights
 from genssl.models.simclr import two_view_crops
 
 __all__ = ["MoCoV3Config", "build_mocov3_student", "MoCoV3Objective", "mocov3_loss_reference"]
@@ -99,7 +100,7 @@ class MoCoV3Objective(nn.Module):
         # One call per view, as the official code: BN statistics per view.
         _, q1 = engine(x1.to(self.dtype))
         _, q2 = engine(x2.to(self.dtype))
-        loss = self.loss.symmetric(q1, q2, k1, k2)
+        loss = self.loss.symmetric(q1, q2, k1, k2, weights=quality_weights(self, x1, x2))  # GenView QDC (models/qdc.py)
         return loss, {"loss_contrastive": loss.detach()}
 
     def late_parameters(self, student: SSLStudent) -> list[nn.Parameter]:

@@ -32,7 +32,7 @@ from torch import nn
 from genssl.generators.foreground import ForegroundPCA, TokenEncoder
 from genssl.models.contrastive import qdc_weights
 
-__all__ = ["QDCScorer", "qdc_scores", "qdc_scores_reference", "qdc_weights"]
+__all__ = ["set_quality_scorer", "quality_weights", "QDCScorer", "qdc_scores", "qdc_scores_reference", "qdc_weights"]
 
 _EPS = 1e-7  # the official code's guard in the min–max and sum normalisations
 
@@ -119,3 +119,18 @@ class QDCScorer(nn.Module):
         return qdc_weights(self.scores(view1, view2))
 
     forward = weights
+
+
+def set_quality_scorer(objective: nn.Module, scorer: QDCScorer | None) -> None:
+    """Make ``objective`` weight its pairs by ``scorer``'s QDC weights (``None``: unweighted again).
+
+    The scorer is frozen and not part of training: it is kept out of the objective's module tree so
+    it is neither checkpointed, moved by ``.to()``, nor converted to a synchronised BatchNorm.
+    """
+    object.__setattr__(objective, "quality_scorer", scorer)
+
+
+def quality_weights(objective: nn.Module, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor | None:
+    """QDC weights ``[B]`` of the pairs (view1[i], view2[i]) when ``objective`` has a scorer, else None."""
+    scorer = getattr(objective, "quality_scorer", None)
+    return None if scorer is None else scorer.weights(view1, view2)

@@ -34,6 +34,7 @@ from torch import nn
 
 from genssl.models.contrastive import NTXentLoss
 from genssl.models.heads import SSLStudent, projection_mlp
+from genssl.models.qdc import quality_weights
 
 __all__ = ["SimCLRConfig", "build_simclr_student", "SimCLRObjective", "simclr_loss_reference"]
 
@@ -91,7 +92,7 @@ class SimCLRObjective(nn.Module):
         B = x1.shape[0]
         # One student call on both views: BN statistics over the 2B images, as the official code.
         z, _ = engine([x1.to(self.dtype), x2.to(self.dtype)])  # [2B, D]
-        loss = self.loss(z[:B], z[B:])
+        loss = self.loss(z[:B], z[B:], weights=quality_weights(self, x1, x2))  # GenView QDC (models/qdc.py)
         return loss, {"loss_contrastive": loss.detach()}
 
     def late_parameters(self, student: SSLStudent) -> list[nn.Parameter]:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from genssl.models.heads import SSLStudent, projection_mlp
+from genssl.models.qdc import quality_weights
 
 __all__ = ["SimSiamConfig", "build_simsiam_student", "simsiam_loss", "simsiam_loss_reference", "SimSiamObjective"]
 
@@ -55,19 +56,22 @@ def build_simsiam_student(backbone: nn.Module, cfg: SimSiamConfig) -> SSLStudent
     return SSLStudent(backbone, projector, predictor)
 
 
-def simsiam_loss(p: Tensor, z: Tensor) -> Tensor:
-    """``D(p, z) = −mean_rows cos(p, sg(z))``: p [n, D] predictions, z [n, D] projections of the other view.
+def simsiam_loss(p: Tensor, z: Tensor, weights: Tensor | None = None) -> Tensor:
+    """``D(p, z) = −mean_rows w·cos(p, sg(z))``: p [n, D] predictions, z [n, D] projections of the other
+    view, ``weights`` [n] optional per-pair weights (GenView's QDC weights, detached; default 1).
 
     ``z`` is detached here: the stop-gradient is what keeps SimSiam from collapsing (paper §4.1).
     """
     if p.dim() != 2 or p.shape != z.shape:
         raise ValueError(f"p and z must both be [n, D] with the same shape, got {tuple(p.shape)} and {tuple(z.shape)}")
-    return -F.cosine_similarity(p, z.detach(), dim=1).mean()
+    cos = F.cosine_similarity(p, z.detach(), dim=1)
+    return -(cos if weights is None else weights.detach().to(cos.dtype) * cos).mean()
 
 
-def simsiam_loss_reference(p: Tensor, z: Tensor) -> Tensor:
-    """Per-row loop of −p·z/(‖p‖‖z‖) (tests only)."""
-    rows = [-(p[i] @ z[i].detach()) / (p[i].norm() * z[i].detach().norm()) for i in range(p.shape[0])]
+def simsiam_loss_reference(p: Tensor, z: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Per-row loop of −w·p·z/(‖p‖‖z‖) (tests only)."""
+    w = torch.ones(p.shape[0], dtype=p.dtype) if weights is None else weights
+    rows = [-w[i] * (p[i] @ z[i].detach()) / (p[i].norm() * z[i].detach().norm()) for i in range(p.shape[0])]
     return torch.stack(rows).mean()
 
 
@@ -92,7 +96,8 @@ class SimSiamObjective(nn.Module):
         (z1, p1), (z2, p2) = (engine(view.to(self.dtype)) for view in crops)
         fp32 = torch.promote_types(z1.dtype, torch.float32)
         z1, z2, p1, p2 = (t.to(fp32) for t in (z1, z2, p1, p2))
-        loss_1, loss_2 = simsiam_loss(p1, z2), simsiam_loss(p2, z1)
+        w = quality_weights(self, crops[0], crops[1])  # GenView QDC (models/qdc.py); None: unweighted
+        loss_1, loss_2 = simsiam_loss(p1, z2, w), simsiam_loss(p2, z1, w)
         # Collapse monitor of the paper (Fig. 2): std over the batch of ẑ = z/‖z‖, averaged over
         # dimensions; ≈ 1/√D for a healthy run, 0 when collapsed.
         z_std = F.normalize(z1.detach(), dim=1).std(0).mean()

@@ -34,3 +34,15 @@ def assert_accuracies(result: dict, n_test: int) -> None:
     for metric in ("knn", "linear"):
         if result.get(f"{metric}_top1") is not None:
             assert result[f"{metric}_top5"] >= result[f"{metric}_top1"], metric
+
+
+def random_vit_encoder(out: Path) -> Path:
+    """A randomly initialised ViT-Tiny/8 at 32 px (seed 0), exported into ``out`` like a finished stage-1 run."""
+    import torch
+
+    from genssl.engine.export import save_encoder
+    from genssl.models.backbones import build_backbone
+
+    torch.manual_seed(0)
+    save_encoder(build_backbone("vit_tiny", img_size=32, patch_size=8), out, {"eval": {"size": 32}})
+    return out

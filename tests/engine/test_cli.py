@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from genssl.engine import cli
+from genssl.tests.helpers import random_vit_encoder
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -175,15 +176,7 @@ def mismatched(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory) -> Path:
-    import torch
-
-    from genssl.engine.export import save_encoder
-    from genssl.models.backbones import build_backbone
-
-    out = tmp_path_factory.mktemp("encoder")
-    torch.manual_seed(0)
-    save_encoder(build_backbone("vit_tiny", img_size=32, patch_size=8), out, {"eval": {"size": 32}})
-    return out
+    return random_vit_encoder(tmp_path_factory.mktemp("encoder"))
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from genssl.tests.helpers import random_vit_encoder
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,16 +69,7 @@ def _metrics(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory) -> Path:
-    """A randomly initialised ViT-Tiny/8 at 32 px, exported like a finished stage-1 run."""
-    import torch
-
-    from genssl.engine.export import save_encoder
-    from genssl.models.backbones import build_backbone
-
-    out = tmp_path_factory.mktemp("encoder")
-    torch.manual_seed(0)
-    save_encoder(build_backbone("vit_tiny", img_size=32, patch_size=8), out, {"eval": {"size": 32}})
-    return out
+    return random_vit_encoder(tmp_path_factory.mktemp("encoder"))
 
 
 def test_autoencoder_recipe_writes_a_loadable_autoencoder(tmp_path: Path, cache: Path) -> None:
