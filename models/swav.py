@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from genssl.kernels.distributed import all_gather_no_grad, world_info
 from genssl.models.dino import WeightNormLinear
 from genssl.models.heads import SSLStudent, projection_mlp
+from genssl.models.qdc import quality_weights
 
 __all__ = ["SwAVConfig", "SwAVPrototypes", "build_swav_student", "sinkhorn_knopp", "sinkhorn_knopp_reference",
            "swav_loss", "swav_loss_reference", "SwAVObjective"]
@@ -142,13 +143,16 @@ def sinkhorn_knopp_reference(scores: Tensor, epsilon: float = 0.05, iterations: 
     return n * (u[:, None] * p * v[None, :]).t()
 
 
-def swav_loss(scores: Tensor, codes: Tensor, n_global: int, temperature: float = 0.1) -> tuple[Tensor, Tensor]:
+def swav_loss(scores: Tensor, codes: Tensor, n_global: int, temperature: float = 0.1,
+              weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(L, per_global)``: swapped prediction over all crops (module docstring).
 
     Args:
         scores: [V·B, K] scores of the V crops, crop-major (rows i·B … (i+1)·B − 1 = crop i).
         codes: [n_global·B, K] codes of the first n_global crops (no gradient taken).
         temperature: τ of the softmax over prototypes (paper 0.1).
+        weights: optional [B] per-image weights (GenView's QDC weights, detached; default 1), the same
+            for every crop pair of an image.
 
     ``per_global`` [n_global]: the term of each global crop's codes (L is their mean).
     """
@@ -163,17 +167,21 @@ def swav_loss(scores: Tensor, codes: Tensor, n_global: int, temperature: float =
     n_crops = scores.shape[0] // b
     log_p = F.log_softmax(scores / temperature, dim=1).view(n_crops, b, k)
     q = codes.detach().view(n_global, b, k)
+    w = None if weights is None else weights.detach().to(log_p.dtype).view(1, b)
     terms = []
     for i in range(n_global):
         others = [v for v in range(n_crops) if v != i]
-        terms.append(-(q[i] * log_p[others]).sum(-1).mean())  # mean over (other crops, batch)
+        ce = -(q[i] * log_p[others]).sum(-1)  # [V − 1, b]
+        terms.append((ce if w is None else w * ce).mean())  # mean over (other crops, batch)
     per_global = torch.stack(terms)
     return per_global.mean(), per_global
 
 
-def swav_loss_reference(scores: Tensor, codes: Tensor, n_global: int, temperature: float = 0.1) -> Tensor:
-    """Loops over global crops, other crops and samples, as the official `train` (tests only)."""
+def swav_loss_reference(scores: Tensor, codes: Tensor, n_global: int, temperature: float = 0.1,
+                        weights: Tensor | None = None) -> Tensor:
+    """Loops over global crops, other crops and samples, as the official `train`, weighted (tests only)."""
     b = codes.shape[0] // n_global
+    w = torch.ones(b, dtype=scores.dtype) if weights is None else weights
     n_crops = scores.shape[0] // b
     loss = 0
     for i in range(n_global):
@@ -183,7 +191,7 @@ def swav_loss_reference(scores: Tensor, codes: Tensor, n_global: int, temperatur
                 continue
             for n in range(b):
                 log_p = torch.log_softmax(scores[v * b + n] / temperature, dim=0)
-                sub = sub - (codes[i * b + n].detach() * log_p).sum() / b
+                sub = sub - w[n] * (codes[i * b + n].detach() * log_p).sum() / b
         loss = loss + sub / (n_crops - 1)
     return loss / n_global
 
@@ -259,7 +267,8 @@ class SwAVObjective(nn.Module):
         scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
         n_codes = self.n_global * b
         codes = self.codes(scores[:n_codes].detach(), engine)
-        loss, per_global = swav_loss(scores, codes, self.n_global, self.cfg.temperature)
+        w = quality_weights(self, crops[0], crops[1])  # GenView QDC (models/qdc.py); None: unweighted
+        loss, per_global = swav_loss(scores, codes, self.n_global, self.cfg.temperature, w)
         self._pending = None
         if self.cfg.queue_length > 0 and progress.epoch >= self.cfg.epoch_queue_starts:
             emb = F.normalize(z[:n_codes].detach().to(scores.dtype), dim=1).view(self.n_global, b, -1)

@@ -2,7 +2,7 @@
 
 For every method the weighted loss is linear in the per-pair weights, ``L(w) = Σ_j w_j·L(B·e_j)/B``
 (pair j weighted alone), equals the unweighted loss for w = 1, and the scorer sees the two views of
-each pair in order. BYOL and SimSiam also match their float64 references with weights.
+each pair in order. BYOL, SimSiam and SwAV also match their float64 references with weights.
 """
 
 from __future__ import annotations
@@ -10,11 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from genssl.models import byol, mocov2, mocov3, simclr, simsiam
+from genssl.models import byol, mocov2, mocov3, simclr, simsiam, swav
+from genssl.engine.trainer import Progress
 from genssl.models.qdc import set_quality_scorer
 from genssl.tests.models.ssl_dist_workers import TinyBackbone
 
 B = 6
+PROGRESS = Progress(global_step=0, epoch=0, step_in_epoch=0, steps_per_epoch=1, total_steps=1)
 BUILD = {
     "simclr": lambda: (simclr, simclr.SimCLRConfig(hidden_dim=16, out_dim=8), "SimCLRObjective", "build_simclr_student"),
     "mocov2": lambda: (mocov2, mocov2.MoCoV2Config(hidden_dim=16, out_dim=8, queue_size=10, shuffle_bn_groups=2),
@@ -24,6 +26,7 @@ BUILD = {
                      "build_byol_student"),
     "simsiam": lambda: (simsiam, simsiam.SimSiamConfig(hidden_dim=16, out_dim=8, predictor_hidden_dim=4),
                         "SimSiamObjective", "build_simsiam_student"),
+    "swav": lambda: (swav, swav.SwAVConfig(hidden_dim=16, out_dim=8, n_prototypes=5), "SwAVObjective", "build_swav_student"),
 }
 
 
@@ -50,7 +53,7 @@ def _loss(method: str, weights: torch.Tensor | None, crops) -> torch.Tensor:
     if weights is not None:
         set_quality_scorer(objective, FixedWeights(weights))
     torch.manual_seed(1)  # MoCo v2's shuffled BN groups
-    loss, _ = objective.training_loss(student, (crops, None), None)
+    loss, _ = objective.training_loss(student, (crops, None), PROGRESS)
     return loss
 
 
@@ -104,3 +107,15 @@ def test_simclr_weight_j_scores_pair_j_in_both_directions() -> None:
     for j in (0, 3):
         got = _loss("simclr", B * torch.eye(B)[j], crops)
         torch.testing.assert_close(got.double(), (rows[j] + rows[j + B]) / 2, rtol=1e-5, atol=1e-5)
+
+
+def test_weighted_swav_loss_matches_its_reference() -> None:
+    g = torch.Generator().manual_seed(9)
+    b, k, n_crops = 5, 7, 4
+    scores = torch.randn(n_crops * b, k, generator=g, dtype=torch.float64, requires_grad=True)
+    codes = torch.softmax(torch.randn(2 * b, k, generator=g, dtype=torch.float64), 1)
+    w = torch.rand(b, generator=g, dtype=torch.float64) * 2
+    got, _ = swav.swav_loss(scores, codes, 2, 0.1, w)
+    want = swav.swav_loss_reference(scores, codes, 2, 0.1, w)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, scores)[0], torch.autograd.grad(want, scores)[0])
