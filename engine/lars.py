@@ -39,23 +39,18 @@ def lars_gradient(weight: torch.Tensor, grad: torch.Tensor, weight_decay: float,
     return trust * update
 
 
-def _full(p: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
-
-    weight = safe_get_full_fp32_param(p)
-    return (p.detach() if weight is None else weight), safe_get_full_grad(p)
-
-
 def apply_lars(module: nn.Module, weight_decay: float, eta: float) -> None:
     """Rewrite the gradients of ``module`` (the DeepSpeed engine's module) in place: ``g ← g'``.
 
     Call after ``engine.backward`` and before ``engine.step``, on every rank (ZeRO-3 gathers)."""
-    from deepspeed.utils import safe_set_full_grad
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad, safe_set_full_grad
 
     for name, p in module.named_parameters():
         if not p.requires_grad or not adapts(name, p):
             continue
-        weight, grad = _full(p)
+        grad = safe_get_full_grad(p)
         if grad is None:
             continue
+        weight = safe_get_full_fp32_param(p)  # None without a DeepSpeed master copy: the parameter is it
+        weight = p.detach() if weight is None else weight
         safe_set_full_grad(p, lars_gradient(weight.float(), grad.float(), weight_decay, eta).to(grad.dtype))

@@ -51,7 +51,7 @@ import torch
 from genssl.data.viewstore import ViewStoreError, open_view_store
 from genssl.engine.cli import run_main
 from genssl.engine.config import ConfigError, parse_config
-from genssl.engine.distributed import DistInfo, barrier, broadcast_object, cleanup, setup_distributed
+from genssl.engine.distributed import DistInfo, barrier, broadcast_object, cleanup, gather_objects, setup_distributed
 from genssl.engine.setup import load_data
 from genssl.generators.autoencoder import autoencoder_hash, load_pretrained_autoencoder
 from genssl.generators.eldm import load_eldm
@@ -261,12 +261,7 @@ def generate(cfg: GenerateConfig, dist: DistInfo) -> dict:
     except ViewStoreError as e:
         raise GenerationError(str(e)) from None
 
-    import torch.distributed as tdist
-
-    reports = [report]
-    if tdist.is_initialized() and dist.world_size > 1:
-        reports = [None] * dist.world_size
-        tdist.all_gather_object(reports, report)
+    reports = gather_objects(report)
     total = {"views": sum(r["views"] for r in reports), "written": sum(len(r["written"]) for r in reports),
              "skipped": sum(r["skipped"] for r in reports), "seconds": max(r["seconds"] for r in reports),
              "world_size": dist.world_size, "n_sources": len(index)}
@@ -304,8 +299,6 @@ def generate(cfg: GenerateConfig, dist: DistInfo) -> dict:
 def _verify(cfg: GenerateConfig, dist: DistInfo, store_path: Path, fingerprint: str, generator_hash: str) -> dict | None:
     """``verify=true``: each rank checks and repairs its shards; the main rank prints the summary. None
     when there is no store yet."""
-    import torch.distributed as tdist
-
     if not (store_path / "zarr.json").is_file():
         return None
     try:
@@ -313,10 +306,7 @@ def _verify(cfg: GenerateConfig, dist: DistInfo, store_path: Path, fingerprint: 
                               generator_hash=generator_hash)
     except ViewStoreError as e:
         raise GenerationError(str(e)) from None
-    reports = [report]
-    if tdist.is_initialized() and dist.world_size > 1:
-        reports = [None] * dist.world_size
-        tdist.all_gather_object(reports, report)  # also: every rank has repaired before rank 0 reads the flags
+    reports = gather_objects(report)  # also: every rank has repaired before rank 0 reads the flags
     invalidated = sorted({i for r in reports for i in r["invalidated"]})
     if dist.is_main:
         print(format_verification(store_path, reports), flush=True)
