@@ -45,8 +45,6 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
 GENSIS_ROWS = ("dino", "gendino", "pgen", "k4")
 SSL_ROWS = ("simclr", "mocov2", "mocov3", "byol", "simsiam", "barlow", "swav")
 ROWS = GENSIS_ROWS + SSL_ROWS
-METHOD_NAMES = {"simclr": "SimCLR", "mocov2": "MoCo v2", "mocov3": "MoCo v3", "byol": "BYOL", "simsiam": "SimSiam",
-                "barlow": "Barlow Twins", "swav": "SwAV"}
 TABLES_ANCHOR = "<!-- learning-tables -->"  # docs/LEARNING.md: one table per data set follows it
 
 
@@ -122,11 +120,13 @@ def main() -> None:
         table.append(row("Gen-DINO", res["gen_dino"], stage_wall_s(variant / "gen_dino"),
                          f"p_gen={res['config']['gendino']['p_gen']}, K=4"))
 
+    from genssl.recipes import ssl_methods  # display names only; the runs are subprocesses
+
     for method in (r for r in rows if r in SSL_ROWS):
         variant = out / method
         started = time.perf_counter()
         res = run_pipeline(variant, [*common, f"method={method}"], log, recipe="ssl_methods.py")
-        table.append(row(METHOD_NAMES[method], res, time.perf_counter() - started,
+        table.append(row(ssl_methods.NAMES[method], res, time.perf_counter() - started,
                          "recipes/ssl_methods.py (wall time of this invocation: 0 + evaluation if it had finished before)"))
 
     epochs = results["config"]["epochs"]

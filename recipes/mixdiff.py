@@ -45,8 +45,7 @@ from genssl.recipes import eldm as eldm_recipe
 from genssl.recipes import generate_views as generation_recipe
 from genssl.recipes import ssl_methods as ssl_recipe
 
-NAMES = {"simclr": "SimCLR", "mocov2": "MoCo v2", "mocov3": "MoCo v3", "byol": "BYOL", "simsiam": "SimSiam",
-         "barlow": "Barlow Twins", "swav": "SwAV", "dino": "DINO"}
+NAMES = {**ssl_recipe.NAMES, "dino": "DINO"}
 Method = Literal["simclr", "mocov2", "mocov3", "byol", "simsiam", "barlow", "swav", "dino"]
 
 

@@ -46,6 +46,8 @@ METHODS = {
     "swav": (swav.build_swav_student, swav.SwAVObjective),
 }
 Method = Literal["simclr", "mocov2", "mocov3", "byol", "simsiam", "barlow", "swav"]
+NAMES = {"simclr": "SimCLR", "mocov2": "MoCo v2", "mocov3": "MoCo v3", "byol": "BYOL", "simsiam": "SimSiam",
+         "barlow": "Barlow Twins", "swav": "SwAV"}  # how tables print them
 
 
 @dataclasses.dataclass
