@@ -297,7 +297,28 @@ def quality_proxy(args, eldm, ae, e: torch.Tensor, seeds: np.ndarray, device, dt
 # ------------------------------------------------------------------------------------------------ main
 
 
-def run(args) -> dict:
+def _derive(key: str, r: dict, base: dict, images: dict, batch: int) -> None:
+    """Adds views/s, the speed-up over the diffusers loop and the image difference to it; prints the line."""
+    if r["status"] != "ok":
+        print(f"  {key:>16}: {r['status']} ({r.get('reason') or r.get('error')})", flush=True)
+        return
+    r["views_per_s"] = batch / r["median_s"]
+    if key == "decode_only":
+        print(f"  {key:>16}: {r['median_s'] * 1e3:.1f} ms/batch (autoencoder decode alone)", flush=True)
+        return
+    r["speedup_vs_diffusers"] = base["median_s"] / r["median_s"]
+    if key in images and key != "diffusers_eager":
+        r["mean_abs_diff_grey_vs_diffusers"] = float(np.abs(images[key].astype(np.float64) -
+                                                            images["diffusers_eager"]).mean())
+    mem = "" if r.get("peak_mem_gb") is None else f", peak +{r['peak_mem_gb']:.2f} GB"
+    print(f"  {key:>16}: {r['views_per_s']:8.2f} views/s (median {r['median_s'] * 1e3:.1f} ms/batch, "
+          f"x{r['speedup_vs_diffusers']:.2f} vs diffusers{mem}, build {r['build_s']:.1f} s)", flush=True)
+
+
+def run(args, on_result=None, skip_reason=None) -> dict:
+    """The whole benchmark (module docstring). ``on_result(key, result)`` is called as each variant is
+    done (bench/run_all.py keeps what finished when its budget stops it); ``skip_reason(backend)``
+    may return why a runnable backend is left out this time (a time budget), recorded as skipped."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -311,18 +332,25 @@ def run(args) -> dict:
           f"{args.scheduler} {args.steps} steps, w={args.guidance}, {args.dtype}", flush=True)
 
     results, images = {}, {}
-    base, images["diffusers_eager"] = time_variant(
+
+    def done(key: str) -> None:
+        _derive(key, results[key], results["diffusers_eager"], images, args.batch)
+        if on_result is not None:
+            on_result(key, results[key])
+
+    results["diffusers_eager"], images["diffusers_eager"] = time_variant(
         lambda: DiffusersLoop(eldm, ae, args.scheduler, args.steps, args.guidance, device, dtype),
         lambda loop: loop(eb, sb), device, args.repeats, args.warmup)
-    results["diffusers_eager"] = base
+    done("diffusers_eager")
     z = torch.randn(args.batch, eldm.config.latent_channels, eldm.config.sample_size, eldm.config.sample_size,
                     generator=torch.Generator().manual_seed(1)).to(device)
     results["decode_only"], _ = time_variant(lambda: None, lambda _: to_uint8(decode(ae, z)).cpu().numpy(), device,
                                              args.repeats, args.warmup)
+    done("decode_only")
     for backend in args.backends:
         key = f"ours_{backend}"
-        reason = backend_unavailable_reason(backend, device)
-        if reason is not None:
+        reason = backend_unavailable_reason(backend, device) or (skip_reason and skip_reason(backend))
+        if reason:
             results[key] = {"status": "skipped", "reason": reason}
         else:
             try:
@@ -332,23 +360,7 @@ def run(args) -> dict:
                     lambda s: s.sample(eb, sb), device, args.repeats, args.warmup)
             except Exception as err:  # noqa: BLE001 - a failing backend is a result, not a crash
                 results[key] = {"status": "failed", "error": f"{type(err).__name__}: {err}"[:500]}
-        r = results[key]
-        if r["status"] != "ok":
-            print(f"  {key:>16}: {r['status']} ({r.get('reason') or r.get('error')})", flush=True)
-    for key, r in results.items():
-        if r["status"] != "ok":
-            continue
-        r["views_per_s"] = args.batch / r["median_s"]
-        if key == "decode_only":
-            print(f"  {key:>16}: {r['median_s'] * 1e3:.1f} ms/batch (autoencoder decode alone)", flush=True)
-            continue
-        r["speedup_vs_diffusers"] = base["median_s"] / r["median_s"]
-        if key in images and key != "diffusers_eager":
-            r["mean_abs_diff_grey_vs_diffusers"] = float(np.abs(images[key].astype(np.float64) -
-                                                                images["diffusers_eager"]).mean())
-        mem = "" if r.get("peak_mem_gb") is None else f", peak +{r['peak_mem_gb']:.2f} GB"
-        print(f"  {key:>16}: {r['views_per_s']:8.2f} views/s (median {r['median_s'] * 1e3:.1f} ms/batch, "
-              f"x{r['speedup_vs_diffusers']:.2f} vs diffusers{mem}, build {r['build_s']:.1f} s)", flush=True)
+        done(key)
 
     quality = None
     if not args.no_quality:

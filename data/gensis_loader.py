@@ -10,10 +10,10 @@ Per sample ``i`` of a batch, one DALI pipeline turns
 
 * the real image's file bytes (decoded by ``fn.decoders.image``: "mixed" on the GPU with
   ``device_id``, CPU otherwise),
-* one synthetic view ``views[i, k]`` of the view store (raw uint8 HWC, already decoded: fed straight
-  into the crop graph, no decoder),
-* one interpolated view ``interp[i, j]`` (raw uint8 HWC), its ``α = interp_alpha[i, j]`` and partner
-  ``p = interp_partner[i, j]``, and the partner's real file bytes (decoded like image ``i``)
+* one synthetic view ``views[i, k]`` of the view store: its encoded bytes (JPEG, PNG or WebP, as the
+  store holds them), decoded by the same ``fn.decoders.image`` as the real images ("mixed": on the GPU),
+* one interpolated view ``interp[i, j]`` (encoded, decoded alike), its ``α = interp_alpha[i, j]`` and
+  partner ``p = interp_partner[i, j]``, and the partner's real file bytes (decoded like image ``i``)
 
 into DINO's vanilla augmentations (the same graph as `DaliMultiCropLoader`: `multicrop_graph`, one
 crop slot at a time):
@@ -39,8 +39,10 @@ which of the J interpolated views a source uses in an epoch is a function of (se
 (seed, epoch, rank, step): ``iter_from(k)`` yields exactly batches ``k..`` of the uninterrupted epoch
 and reads nothing of batches ``0..k-1``.
 
-Damage. A synthetic view that fails its check (crc32c, a missing chunk file, a damaged ``done``
-chunk: `genssl.data.viewstore.ViewStoreCorruptError`) makes its sample a real one for that step:
+Damage. The views are checked on the host before DALI sees them — crc32c of the shard index and inner
+chunk (or staged view), present, structurally an image of the store's format — because DALI's decoder
+fails the whole pipeline on a corrupt image. A synthetic view that fails its check (or a damaged
+``done`` chunk: `genssl.data.viewstore.ViewStoreCorruptError`) makes its sample a real one for that step:
 ``from_gen`` is False and crop slot 1 is cut from the real image with the real stream's slot-1
 parameters. A damaged interpolated view (or its partner or α, or a partner file that changed since
 indexing) makes the interpolated crop a real crop of image i with slot 1's real parameters, the
@@ -57,8 +59,8 @@ so far (for the metrics).
 Reading. The host inputs of a batch are produced by `_GenSISFeed.batch(order, epoch, step)` (file bytes
 via `genssl.data.dali_loader.FileReader`, views through `genssl.data.viewstore.ViewStoreReader`, per-sample reads on a
 small thread pool). With ``py_workers > 0`` (default 2) it runs in DALI's parallel external source
-(``parallel=True``, ``batch=True``, spawned worker processes, each building whole batches, so Zarr
-decoding and file reads never hold the training process's GIL). Because DALI pickles the source
+(``parallel=True``, ``batch=True``, spawned worker processes, each building whole batches, so shard
+and file reads never hold the training process's GIL). Because DALI pickles the source
 into its workers when the pipeline is built, every pass (epoch or ``iter_from``) builds a fresh
 pipeline: DALI starts the workers one after another, each importing torch and DALI (about 4 s per
 worker on a busy 2-core CPU machine), once per epoch. ``py_workers=0`` builds the batches in a
@@ -88,13 +90,17 @@ from genssl.data.dali_loader import (INTERP_DAMAGED, VIEW_DAMAGED, FileReader, P
                                      _Driver, _to_torch, multicrop_graph, read_ahead)
 from genssl.data.sampler import EpochLoader
 from genssl.data.index import DatasetIndex
-from genssl.data.viewstore import REPAIR_HINT, ViewStoreError, ViewStoreReader
+from genssl.data.index_columns import PathColumn
+from genssl.data.viewstore import REPAIR_HINT, ViewStoreError, ViewStoreReader, ViewStoreSchemaError, encode_view
 
 __all__ = ["GEN_SLOT", "GenSISBatch", "GenSISLoader"]
 
 GEN_SLOT = 1      # the global crop slot a synthetic view may replace
 TEACHER_SLOT = 0  # the global crop slot the teacher sees of image 1 (L_dis), and the partner's plan
 _SALT_VIEW, _SALT_INTERP = 0x5EED_0001, 0x5EED_0002
+# What a sample feeds where no view is used (a real sample, a damaged view): a valid 1x1 image, though the
+# conditional never decodes it, so the external source's batch stays uniform.
+_PLACEHOLDER = np.frombuffer(encode_view(np.zeros((1, 1, 3), np.uint8), "png"), np.uint8)
 
 
 @dataclasses.dataclass
@@ -155,8 +161,8 @@ def _slot_spec(spec: MultiCropSpec, slot: int) -> MultiCropSpec:
 
 @dataclasses.dataclass
 class _Sample:
-    """What is read for one sample's views (decoded uint8 HWC); ``synthetic`` None or ``interp_ok``
-    False: damaged (module docstring)."""
+    """What is read for one sample's views (encoded image bytes, uint8 [n]); ``synthetic`` None or
+    ``interp_ok`` False: damaged (module docstring)."""
 
     synthetic: np.ndarray | None = None
     interp: np.ndarray | None = None
@@ -172,7 +178,9 @@ class _GenSISFeed:
     def __init__(self, index: DatasetIndex, reader: ViewStoreReader | None, spec: MultiCropSpec, batch_size: int,
                  rank: int, world_size: int, seed: int, p_gen: float, interpolation: bool, read_threads: int):
         self.n = len(index)
-        self.paths, self.sizes = _Paths(index.paths), np.asarray(index.sizes, dtype=np.int64)
+        # a PathColumn (the index's own) is already a compact blob that pickles by reference
+        self.paths = index.paths if isinstance(index.paths, PathColumn) else _Paths(index.paths)
+        self.sizes = np.asarray(index.sizes)
         self.files = FileReader.for_index(index, self.paths)
         self.damage = None if reader is None else ProblemReport(
             Path(str(reader.path) + ".damage.json"), "sources", "source", {"store": str(reader.path)},
@@ -227,18 +235,19 @@ class _GenSISFeed:
     def _read_views(self, item: tuple[int, bool, int, int, np.ndarray]) -> _Sample:
         i, gen, k, j, encoded = item
         sample = _Sample()
-        if self.use_gen:  # a tiny dummy for real samples: the conditional never passes it on
-            sample.synthetic = np.zeros((1, 1, 3), np.uint8)
+        if self.use_gen:
+            sample.synthetic = _PLACEHOLDER
             if gen:
-                try:
-                    sample.synthetic = self.reader.views(i)[k]
+                try:  # checked (crc32c, present, an image) before DALI may see it
+                    sample.synthetic = np.frombuffer(self.reader.encoded_views(i)[k], np.uint8)
                 except ViewStoreError as e:
                     self._damaged(i, "synthetic view", str(e))
                     sample.synthetic = None
         if self.interpolation:
             try:
-                views, partners, alphas = self.reader.interp(i)
-                sample.interp, sample.partner, sample.alpha = views[j], int(partners[j]), float(alphas[j])
+                views, partners, alphas = self.reader.encoded_interp(i)
+                sample.interp = np.frombuffer(views[j], np.uint8)
+                sample.partner, sample.alpha = int(partners[j]), float(alphas[j])
                 if not 0 <= sample.partner < self.n:
                     raise ViewStoreError(f"its partner index {sample.partner} is outside [0, {self.n})")
                 sample.partner_encoded, why = self.files.read(sample.partner)
@@ -249,7 +258,7 @@ class _GenSISFeed:
                 self._damaged(i, "interpolated view", str(e))
                 sample.interp_ok = False
             if not sample.interp_ok:  # alpha = 1: the interpolation is image i itself (module docstring)
-                sample.interp = np.zeros((self.view_wh[1], self.view_wh[0], 3), np.uint8)
+                sample.interp = _PLACEHOLDER
                 sample.partner, sample.alpha, sample.partner_encoded = i, 1.0, encoded
         return sample
 
@@ -276,8 +285,7 @@ class _GenSISFeed:
             gen &= ~lost
             params[lost, GEN_SLOT] = real[lost, GEN_SLOT]
             status[lost] |= VIEW_DAMAGED
-            out += [[s.synthetic if s.synthetic is not None else np.zeros((1, 1, 3), np.uint8) for s in samples],
-                    gen.astype(np.uint8)]
+            out += [[s.synthetic if s.synthetic is not None else _PLACEHOLDER for s in samples], gen.astype(np.uint8)]
         if self.interpolation:
             ok = np.array([s.interp_ok for s in samples])
             status[~ok] |= INTERP_DAMAGED
@@ -285,7 +293,7 @@ class _GenSISFeed:
             interp_params = sample_multicrop_params(rng, self.interp_spec, np.tile(self.view_wh, (b, 1)))
             interp_params[~ok, 0] = real[~ok, _interp_slot(self.spec)]  # drawn for image i's own size
             partner_params = sample_multicrop_params(rng, self.partner_spec, self.sizes[partners])
-            out += [np.stack([s.interp for s in samples]), interp_params, ok.astype(np.uint8),
+            out += [[s.interp for s in samples], interp_params, ok.astype(np.uint8),
                     [s.partner_encoded for s in samples], partner_params, partners,
                     np.array([s.alpha for s in samples], dtype=np.float32)]
         return tuple(out)
@@ -308,12 +316,13 @@ class _PassSource:
 # graph
 
 
-def _select(pred, if_true, if_false):
-    """Per-sample choice (DALI conditional execution; converted by AutoGraph)."""
+def _decoded_or(pred, encoded, otherwise, device_id):
+    """Per sample: the decoded view where ``pred``, else ``otherwise`` (DALI conditional execution,
+    converted by AutoGraph: only the samples of the true branch reach the decoder)."""
     if pred:
-        out = if_true
+        out = _decode(encoded, device_id)
     else:
-        out = if_false
+        out = otherwise
     return out
 
 
@@ -323,11 +332,6 @@ def _crop(images, spec: MultiCropSpec, params):
     return multicrop_graph(images, spec, params)[0]
 
 
-@do_not_convert
-def _on_device(node, on_gpu: bool):
-    return node.gpu() if on_gpu else node
-
-
 @pipeline_def(enable_conditionals=True)
 def _gensis_pipeline(source, parallel: bool, spec: MultiCropSpec, on_gpu: bool, use_gen: bool, interpolation: bool,
                      prefetch: int):
@@ -335,17 +339,18 @@ def _gensis_pipeline(source, parallel: bool, spec: MultiCropSpec, on_gpu: bool, 
     kw = dict(parallel=True, batch_info=True, prefetch_queue_depth=prefetch) if parallel else dict(cycle="raise")
     nodes = dict(zip(names, fn.external_source(source=source, num_outputs=len(names), batch=True, dtype=dtypes,
                                                ndim=ndims, layout=layouts, **kw)))
-    real = _decode(nodes["encoded"], 0 if on_gpu else None)
+    device_id = 0 if on_gpu else None
+    real = _decode(nodes["encoded"], device_id)
     params = nodes["params"]
     second = real
-    if use_gen:
-        second = _select(fn.cast(nodes["gen"], dtype=types.BOOL), _on_device(nodes["synthetic"], on_gpu), real)
+    if use_gen:  # synthetic views are decoded exactly like the real images
+        second = _decoded_or(fn.cast(nodes["gen"], dtype=types.BOOL), nodes["synthetic"], real, device_id)
     outs = [_crop(second if c == GEN_SLOT and use_gen else real, _slot_spec(spec, c), params[c:c + 1])
             for c in range(spec.n_crops)]
     if interpolation:  # a damaged interpolated view is replaced by image i itself (alpha 1)
-        interp = _select(fn.cast(nodes["interp_ok"], dtype=types.BOOL), _on_device(nodes["interp"], on_gpu), real)
+        interp = _decoded_or(fn.cast(nodes["interp_ok"], dtype=types.BOOL), nodes["interp"], real, device_id)
         outs.append(_crop(interp, _slot_spec(spec, _interp_slot(spec)), nodes["interp_params"]))
-        outs.append(_crop(_decode(nodes["partner_encoded"], 0 if on_gpu else None), _slot_spec(spec, TEACHER_SLOT),
+        outs.append(_crop(_decode(nodes["partner_encoded"], device_id), _slot_spec(spec, TEACHER_SLOT),
                           nodes["partner_params"]))
     outs.append(nodes["idx"])
     if use_gen:
@@ -360,9 +365,9 @@ def _outputs(use_gen: bool, interpolation: bool) -> tuple[list, list, list, list
     rows = [("encoded", types.UINT8, 1, ""), ("idx", types.INT64, 0, ""), ("params", types.FLOAT, 2, ""),
             ("status", types.UINT8, 0, ""), ("asked", types.INT64, 0, "")]
     if use_gen:
-        rows += [("synthetic", types.UINT8, 3, "HWC"), ("gen", types.UINT8, 0, "")]
+        rows += [("synthetic", types.UINT8, 1, ""), ("gen", types.UINT8, 0, "")]
     if interpolation:
-        rows += [("interp", types.UINT8, 3, "HWC"), ("interp_params", types.FLOAT, 2, ""), ("interp_ok", types.UINT8, 0, ""),
+        rows += [("interp", types.UINT8, 1, ""), ("interp_params", types.FLOAT, 2, ""), ("interp_ok", types.UINT8, 0, ""),
                  ("partner_encoded", types.UINT8, 1, ""), ("partner_params", types.FLOAT, 2, ""),
                  ("partner", types.INT64, 0, ""), ("alpha", types.FLOAT, 0, "")]
     return tuple(list(col) for col in zip(*rows))
@@ -499,6 +504,8 @@ def _open_store(store_path, index: DatasetIndex, expect_fingerprint: str | None,
         reader = ViewStoreReader(store_path, expect_fingerprint=fingerprint, tolerate_damage=True)
     except FileNotFoundError as e:
         raise ValueError(f"{e}; {rerun}") from e
+    except ViewStoreSchemaError as e:  # says how to convert it
+        raise ValueError(str(e)) from e
     except ViewStoreError as e:
         raise ValueError(f"{e}. The views do not belong to the data being trained on: point views= at the store "
                          f"generated for this dataset, or {rerun}") from e

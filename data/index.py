@@ -5,7 +5,12 @@ decoders only promise plain 8-bit RGB/gray JPEG and 8-bit RGB PNG. So every file
 once with PIL (strictly: truncated data is an error, a JPEG must end with its EOI marker), odd but
 valid images (gray/alpha/palette/CMYK/16-bit PNG, EXIF-rotated, BMP/WebP/TIFF...) are converted once
 to an 8-bit RGB JPEG in the cache, and broken files are excluded and listed in ``quarantine.json``.
-The result is cached as JSON keyed by the folder, so later calls only stat the files.
+The result is published in the cache, keyed by the folder, as memory-mapped columns that every rank
+opens without parsing (`genssl.data.index_columns`); later calls stat the files and read again only
+those whose size or mtime changed. Validation runs in a process pool over this rank's cores; ranks
+built together (``rank``/``world_size``/``run_id``: rank 0 finds the files, each rank validates a
+slice, rank 0 merges and publishes) coordinate through atomically renamed marker files with a
+progress timeout, never ``flock``, so the cache may sit on NFS/Lustre shared by nodes (docs/DATA.md).
 
 Layouts: ImageFolder (class subfolders -> labels by sorted class name), a flat folder (labels -1),
 or WebDataset shards (``*.tar`` with ``<key>.jpg|jpeg|png`` and optional ``<key>.cls``), which are
@@ -41,33 +46,37 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import os
 import re
 import shutil
 import tarfile
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from genssl.data.index_columns import (BAD, CONVERTED, CONVERTED_SUFFIX, OK, SCHEMA, TOO_LARGE, Generation, PathColumn,
+                                       RankFailed, RunDir, atomic_write, current_generation, encode_rel, prune_runs,
+                                       write_generation)
+
 log = logging.getLogger("genssl.data")
 
-INDEX_VERSION = 1
+INDEX_VERSION = SCHEMA  # 2: memory-mapped columns (index_columns.py); 1 was index.json
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm"}
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png")  # preference order when a key has several
 READ_ERRORS_FILE = "read_errors.json"  # files the loaders could not use at read time (FileReader)
 RACY_NS = 2_000_000_000  # files modified this close to the last build are re-hashed (like git's racy-clean)
-CONVERTED_SUFFIX = ".rgb8.jpg"
 # Largest image (width x height) the index accepts: PIL's default decompression-bomb threshold
 # (about 9459 x 9459). A bigger file is quarantined from its header alone, never decoded: a small
 # PNG can expand to gigabytes, and no SSL crop needs that many pixels.
@@ -89,13 +98,15 @@ class DatasetIndex:
     """A validated dataset. Sample ``i`` is ``paths[i]`` (the file to decode: the original, or its
     converted copy in the cache), originally ``source_paths[i]`` (relative to ``root``; for
     WebDataset ``<shard>.tar/<member>``), of ``sizes[i] = (width, height)`` pixels, with
-    ``labels[i]`` (-1 when unlabelled) indexing ``classes``."""
+    ``labels[i]`` (-1 when unlabelled) indexing ``classes``. From `build_index` the sequences are
+    memory-mapped and read-only (``paths``/``source_paths`` are `PathColumn` s, decoded per access);
+    lists and plain arrays work too (`engine.evaluate.subset`)."""
 
     root: Path
-    paths: list[str]
-    source_paths: list[str]
-    sizes: np.ndarray  # [N, 2] int64 (width, height) of paths[i]
-    labels: np.ndarray  # [N] int64
+    paths: Sequence[str]
+    source_paths: Sequence[str]
+    sizes: np.ndarray  # [N, 2] int32 (width, height) of paths[i]
+    labels: np.ndarray  # [N] int32
     classes: list[str]
     fingerprint: str
     quarantine: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
@@ -110,10 +121,10 @@ class DatasetIndex:
 # discovery
 
 
-@dataclass
+@dataclass(slots=True)
 class _Candidate:
     rel: str  # relative to root, '/'-separated
-    path: Path  # file on disk (for WebDataset: the extracted member)
+    path: str  # file on disk (for WebDataset: the extracted member)
     label: int
 
 
@@ -169,11 +180,12 @@ class _Guard:
             "(chmod -R a+rX) or remove it")))
 
 
-def _walk_files(top: Path, guard: _Guard | None = None) -> Iterator[Path]:
-    """Files below ``top`` in sorted order, hidden names skipped, folder links followed. With a
-    ``guard``, links that leave its root, link loops and unlistable folders are quarantined there."""
+def _walk_files(top: Path, guard: _Guard | None = None) -> Iterator[str]:
+    """Paths (str: a Path per file costs more than the stat) of the files below ``top`` in sorted
+    order, hidden names skipped, folder links followed. With a ``guard``, links that leave its root,
+    link loops and unlistable folders are quarantined there."""
 
-    def walk(folder: Path, real: str, ancestors: frozenset[str]) -> Iterator[Path]:
+    def walk(folder: Path, real: str, ancestors: frozenset[str]) -> Iterator[str]:
         try:
             entries = sorted((e for e in os.scandir(folder) if _visible(e.name)), key=lambda e: e.name)
         except OSError as exc:
@@ -182,13 +194,13 @@ def _walk_files(top: Path, guard: _Guard | None = None) -> Iterator[Path]:
             return
         subdirs = []
         for e in entries:
-            path, link = Path(e.path), e.is_symlink()
-            if link and guard is not None and guard.refuses_link(path):
+            link = e.is_symlink()
+            if link and guard is not None and guard.refuses_link(Path(e.path)):
                 continue
             if e.is_dir():  # follows links
-                subdirs.append((path, os.path.realpath(path) if link else os.path.join(real, e.name)))
+                subdirs.append((Path(e.path), os.path.realpath(e.path) if link else os.path.join(real, e.name)))
             else:
-                yield path
+                yield e.path
         for path, sub_real in subdirs:
             if sub_real in ancestors:
                 if guard is not None:
@@ -202,8 +214,12 @@ def _walk_files(top: Path, guard: _Guard | None = None) -> Iterator[Path]:
     yield from walk(top, real_top, ancestors)
 
 
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTS
+def _suffix(path: str | Path) -> str:
+    return os.path.splitext(path)[1].lower()
+
+
+def _is_image(path: str | Path) -> bool:
+    return _suffix(path) in IMAGE_EXTS
 
 
 def _discover(root: Path, work: Path, guard: _Guard) -> _Found:
@@ -225,13 +241,14 @@ def _discover(root: Path, work: Path, guard: _Guard) -> _Found:
     if not top_images and not subdirs and shards:
         found = _discover_webdataset(root, shards, work)
         return dataclasses.replace(found, quarantine=guard.quarantine + found.quarantine)
+    cut = len(os.path.join(root, ""))  # the walk's paths start with the root and a separator
     if top_images:  # flat folder (recursive), unlabelled
         cands = []
         for p in _walk_files(root, guard):
             if _is_image(p):
-                cands.append(_Candidate(p.relative_to(root).as_posix(), p, -1))
+                cands.append(_Candidate(p[cut:], p, -1))
             else:
-                ignored[p.suffix.lower() or "(no extension)"] += 1
+                ignored[_suffix(p) or "(no extension)"] += 1
         return _Found("flat", cands, [], ignored, guard.quarantine)
     classes, cands = [], []
     for d in subdirs:
@@ -239,37 +256,15 @@ def _discover(root: Path, work: Path, guard: _Guard) -> _Found:
         imgs = [p for p in files if _is_image(p)]
         for p in files:
             if not _is_image(p):
-                ignored[p.suffix.lower() or "(no extension)"] += 1
+                ignored[_suffix(p) or "(no extension)"] += 1
         if imgs:
             label = len(classes)
             classes.append(d.name)
-            cands += [_Candidate(p.relative_to(root).as_posix(), p, label) for p in imgs]
+            cands += [_Candidate(p[cut:], p, label) for p in imgs]
     for e in entries:
         if e.is_file():
             ignored[Path(e.name).suffix.lower() or "(no extension)"] += 1
     return _Found("imagefolder", cands, classes, ignored, guard.quarantine)
-
-
-def _label_by_name(found: _Found, classes: list[str], root: Path) -> _Found:
-    """Relabel an ImageFolder split with another split's class list (val with train's): a sample's
-    label is its class folder's *name*'s position in ``classes``, never its position among this
-    split's own folders, so a val/ lacking a class keeps every other label right. A class that
-    ``classes`` lacks cannot be scored and is an error; a class of ``classes`` absent here is fine.
-    Flat folders stay unlabelled and WebDataset ``.cls`` integers stay as written."""
-    if found.kind != "imagefolder":
-        return found
-    position = {name: i for i, name in enumerate(classes)}
-    assert len(position) == len(classes), f"duplicate class names in {classes}"
-    unknown = [name for name in found.classes if name not in position]
-    if unknown:
-        shown = ", ".join(classes[:10]) + (f", ... ({len(classes)} in all)" if len(classes) > 10 else "")
-        raise ValueError(
-            f"{root} has class folder(s) {unknown} that the train split does not have (train classes: "
-            f"{shown or 'none'}); val labels are looked up by class name in train's classes, so every val "
-            f"class folder must also be a train class folder: rename or remove {unknown} in {root}, or add "
-            "them to train/")
-    candidates = [dataclasses.replace(c, label=position[found.classes[c.label]]) for c in found.candidates]
-    return dataclasses.replace(found, candidates=candidates, classes=list(classes))
 
 
 _SAFE_MEMBER = re.compile(r"^[^/\\][^\\]*$")
@@ -333,9 +328,10 @@ def _discover_webdataset(root: Path, shards: list[Path], work: Path) -> _Found:
         dest = work / "extracted" / shard.name
         dest.parent.mkdir(parents=True, exist_ok=True)
         problems += _extract_shard(shard, dest)
-        members: dict[str, dict[str, Path]] = {}
+        members: dict[str, dict[str, str]] = {}
+        cut = len(os.path.join(dest, ""))
         for p in _walk_files(dest):
-            key, ext = _split_key(p.relative_to(dest).as_posix())
+            key, ext = _split_key(p[cut:])
             members.setdefault(key, {})[ext] = p
         for key in sorted(members):
             group = members[key]
@@ -346,12 +342,12 @@ def _discover_webdataset(root: Path, shards: list[Path], work: Path) -> _Found:
             label = -1
             if "cls" in group:
                 try:
-                    label = int(group["cls"].read_text().strip())
+                    label = int(Path(group["cls"]).read_text().strip())
                     labelled = True
                 except ValueError:
                     problems.append((f"{shard.name}/{key}.cls", "label is not an integer"))
                     continue
-            cands.append(_Candidate(f"{shard.name}/{key}.{exts[0]}", group[exts[0]], label))
+            cands.append(_Candidate(f"{shard.name}/{key}.{exts[0]}", str(group[exts[0]]), label))
     if any(c.label < -1 for c in cands):
         raise ValueError(f"WebDataset shards in {root} have negative .cls labels; labels must be 0..K-1")
     n_classes = max((c.label for c in cands), default=-1) + 1
@@ -361,6 +357,12 @@ def _discover_webdataset(root: Path, shards: list[Path], work: Path) -> _Found:
 
 # ---------------------------------------------------------------------------------------------
 # validation
+
+
+def _read_bytes(path: str) -> bytes:
+    """A file's bytes: the one place validation reads a file (tests count the calls)."""
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _jpeg_has_eoi(data: bytes) -> bool:
@@ -408,8 +410,7 @@ def _inspect(path: str, converted: str, max_pixels: int) -> dict:
     st = os.stat(path)
     entry: dict = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = _read_bytes(path)
     except OSError as exc:
         return entry | {"status": "bad", "reason": f"unreadable: {exc}", "sha256": ""}
     entry["sha256"] = hashlib.sha256(data).hexdigest()
@@ -443,7 +444,7 @@ def _inspect(path: str, converted: str, max_pixels: int) -> dict:
         rgb.save(buf, "JPEG", quality=95, subsampling=0)
     except (OSError, ValueError, TypeError) as exc:
         return entry | {"status": "bad", "reason": f"could not convert {why} to RGB: {exc}"}
-    _atomic_write(Path(converted), buf.getvalue())
+    atomic_write(Path(converted), buf.getvalue(), fsync=False)
     return entry | {"status": "converted", "reason": f"converted from {why}", "w": rgb.width, "h": rgb.height}
 
 
@@ -457,18 +458,46 @@ def _inspect_strict(path: str, converted: str, max_pixels: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# cache files
+# validation over cores: a process pool (decoding holds the GIL for much of its time)
+
+POOL_MIN_FILES = 64  # fewer files than this are validated in this process (a pool costs ~1 s to start)
 
 
-def _atomic_write(path: Path, data: bytes, fsync: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _inspect_chunk(args: list[tuple[str, str, int]]) -> list[dict]:
+    lenient, pil_limit = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
+    try:
+        return [_inspect_strict(*a) for a in args]
+    finally:  # PIL's flags are process-wide: give them back
+        ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = lenient, pil_limit
+
+
+def default_workers() -> int:
+    """This process's share of the cores it may run on: ranks of one node split them."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, min(cpus // max(1, per_node), 16))
+
+
+def _validate(args: list[tuple[str, str, int]], num_workers: int | None) -> list[dict]:
+    workers = max(1, num_workers if num_workers is not None else default_workers())
+    if workers == 1 or len(args) < POOL_MIN_FILES:
+        return _inspect_chunk(args)
+    chunk = max(8, min(256, len(args) // (workers * 8)))  # big enough to amortise IPC, small enough to balance
+    # spawn, not fork: the caller may hold CUDA, NCCL or DALI threads, which a forked child inherits broken
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return [r for part in pool.map(_inspect_chunk, [args[i:i + chunk] for i in range(0, len(args), chunk)])
+                    for r in part]
+    except BrokenProcessPool as exc:
+        # typically a script without `if __name__ == "__main__":`, which every spawned process runs again
+        log.warning("genssl.data: the validation processes failed to start (%s); validating %d files in this "
+                    "process instead. From a script, call build_index under `if __name__ == \"__main__\":`",
+                    exc, len(args))
+        return _inspect_chunk(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# what the last build knew
 
 
 def index_cache_dir(folder: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -479,38 +508,85 @@ def index_cache_dir(folder: str | os.PathLike, cache_dir: str | os.PathLike | No
     return default_cache_dir(cache_dir) / "index" / f"{slug}-{key}"
 
 
-@contextlib.contextmanager
-def _locked(work: Path) -> Iterator[None]:
-    """Serialise builds of one folder across processes (all ranks call build_index at start)."""
-    work.mkdir(parents=True, exist_ok=True)
-    with open(work / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+_STATUS_NAME = {OK: "ok", CONVERTED: "converted", BAD: "bad", TOO_LARGE: "bad"}
 
 
-def _load_cache(path: Path, root: Path) -> dict:
-    with contextlib.suppress(OSError, ValueError):
-        cached = json.loads(path.read_text())
-        if cached.get("version") == INDEX_VERSION and cached.get("root") == str(root):
-            return cached
-    return {"entries": {}, "built_ns": 0}
+class _Previous:
+    """What the last build knew: its generation (``gen``, columns read in bulk), or once the entries
+    of a schema-1 ``index.json`` being converted (``entries``: relative path -> dict). `get` gives
+    one file's entry as a dict (``status`` ok | converted | bad, ``size``, ``mtime_ns``, ``sha256``,
+    ``w``/``h``, ``reason``, ``too_large``) for the few files that are not reused in bulk."""
+
+    def __init__(self, work: Path, root: Path) -> None:
+        self.gen: Generation | None = None
+        self.entries: dict[str, dict] = {}
+        self.rows: dict[str, int] = {}
+        self.built_ns, self.legacy = 0, None
+        name = current_generation(work)
+        if name is not None:
+            with contextlib.suppress(OSError, ValueError, KeyError, AssertionError):
+                gen = Generation(work / name)
+                if gen.header.get("root") == str(root):
+                    self.gen, self.built_ns = gen, int(gen.header["built_ns"])
+                    self.rows = {rel: i for i, rel in enumerate(gen.rel_list())}
+            return
+        legacy = work / "index.json"
+        if legacy.exists():
+            self.legacy = legacy
+            try:
+                doc = json.loads(legacy.read_text())
+                assert doc.get("version") == 1 and doc.get("root") == str(root)
+                self.entries, self.built_ns = dict(doc["entries"]), int(doc["built_ns"])
+                log.warning("genssl.data: converting the JSON index %s (schema 1) to the memory-mapped format "
+                            "once; unchanged files are not read again", legacy)
+            except (OSError, ValueError, KeyError, TypeError, AssertionError):
+                log.warning("genssl.data: the old index %s cannot be read; rebuilding %s from scratch", legacy, root)
+
+    def get(self, rel: str) -> dict | None:
+        if self.gen is None:
+            return self.entries.get(rel)
+        i = self.rows.get(rel)
+        if i is None:
+            return None
+        g, status = self.gen, int(self.gen["status"][i])
+        (size, mtime), (w, h), sha = g["src_stats"][i].tolist(), g["sizes"][i].tolist(), g["sha256"][i].tobytes()
+        e = {"status": _STATUS_NAME[status], "size": size, "mtime_ns": mtime, "sha256": sha.hex() if any(sha) else ""}
+        if w >= 0:
+            e |= {"w": w, "h": h}
+        if status in (BAD, TOO_LARGE):
+            e |= {"reason": self.reason(i), "too_large": status == TOO_LARGE}
+        return e
+
+    def reason(self, row: int) -> str:
+        return self.gen.header["reasons"][row - self.gen.n_ok]
+
+    def trusted(self, rels: list[str], size: np.ndarray, mtime: np.ndarray, max_pixels: int) -> np.ndarray:
+        """Per file (int64 [n]): the previous row to reuse as is, or -1 — the file's size and mtime are
+        as recorded, its mtime older than the last build by `RACY_NS`, and its pixel count on the same
+        side of ``max_pixels`` (`_reusable` and `_limit_changed`, vectorised: one pass over N)."""
+        row = np.fromiter((self.rows.get(r, -1) for r in rels), dtype=np.int64, count=len(rels))
+        if self.gen is None or not len(rels):
+            return np.full(len(rels), -1, np.int64)
+        g, at = self.gen, np.maximum(row, 0)
+        src, wh, status = np.asarray(g["src_stats"])[at], np.asarray(g["sizes"])[at].astype(np.int64), np.asarray(g["status"])[at]
+        over = (wh[:, 0] >= 0) & (wh[:, 0] * wh[:, 1] > max_pixels)
+        ok = ((row >= 0) & (src[:, 0] == size) & (src[:, 1] == mtime) & (mtime < self.built_ns - RACY_NS)
+              & (over == (status == TOO_LARGE)))
+        return np.where(ok, row, -1)
 
 
-def _reusable(old: dict | None, st: os.stat_result, path: Path, converted: Path, built_ns: int) -> dict | None:
+def _reusable(old: dict | None, size: int, mtime_ns: int, path: str, converted: Path, built_ns: int) -> dict | None:
     """The cached entry if the file is unchanged, else None. Files modified within RACY_NS of the
     last build could have changed without a visible mtime change, so their bytes are re-hashed."""
     if not old or old.get("status") == "converted" and not converted.exists():
         return None
-    if old["size"] != st.st_size:
+    if old["size"] != size:
         return None
-    if old["mtime_ns"] == st.st_mtime_ns and st.st_mtime_ns < built_ns - RACY_NS:
+    if old["mtime_ns"] == mtime_ns and mtime_ns < built_ns - RACY_NS:
         return old
     with contextlib.suppress(OSError):
-        if hashlib.sha256(path.read_bytes()).hexdigest() == old["sha256"]:
-            return old | {"mtime_ns": st.st_mtime_ns}
+        if hashlib.sha256(_read_bytes(path)).hexdigest() == old["sha256"]:
+            return old | {"mtime_ns": mtime_ns}
     return None
 
 
@@ -521,11 +597,268 @@ def _limit_changed(entry: dict, max_pixels: int) -> bool:
     return over != entry.get("too_large", False)
 
 
-def _fingerprint(classes: list[str], rows: list[tuple[str, int, str]]) -> str:
+def _fingerprint(classes: list[str], rows) -> str:
     h = hashlib.sha256(json.dumps(classes).encode())
     for rel, label, sha in rows:
         h.update(f"{rel}\0{label}\0{sha}\n".encode())
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# one build: plan (rank 0), validate (every rank, a slice each), merge and publish (rank 0)
+
+
+@dataclass
+class _Plan:
+    found: _Found
+    cands: list[_Candidate]  # every file found, sorted by relative path
+    reuse: np.ndarray  # [n] int64: the previous generation's row reused as is, or -1 (see entries)
+    entries: dict[str, dict]  # relative path -> entry for the rest: validated now, re-hashed, unstat-able, schema 1
+    todo: list[_Candidate]  # files to validate
+    previous: _Previous
+    newest_ns: int  # newest mtime among reused entries (racy-clean restamp)
+    failed_reads: set[str]
+
+
+def _converted(work: Path, rel: str) -> Path:
+    return work / "converted" / (rel + CONVERTED_SUFFIX)
+
+
+def _plan(root: Path, work: Path, guard: _Guard, max_pixels: int) -> _Plan:
+    previous = _Previous(work, root)
+    found = _discover(root, work, guard)
+    cands = sorted(found.candidates, key=lambda c: c.rel)
+    entries: dict[str, dict] = {}
+    stats = []
+    for c in cands:
+        try:
+            st = os.stat(c.path)
+            stats.append((st.st_size, st.st_mtime_ns))
+        except OSError as exc:
+            entries[c.rel] = {"status": "bad", "reason": f"cannot stat: {exc}", "size": -1, "mtime_ns": -1, "sha256": ""}
+            stats.append((-1, -1))
+    stat = np.array(stats, np.int64).reshape(-1, 2)
+    rels = [c.rel for c in cands]
+    reuse = previous.trusted(rels, stat[:, 0], stat[:, 1], max_pixels)
+    failed_reads = _failed_reads(work / READ_ERRORS_FILE)
+    if previous.gen is not None:  # a converted entry needs its copy; a file training could not read is redone
+        status = np.asarray(previous.gen["status"])
+        for i in np.flatnonzero(reuse >= 0):
+            c = cands[i]
+            if (status[reuse[i]] == CONVERTED and not _converted(work, c.rel).exists()
+                    or failed_reads and (c.path in failed_reads or str(_converted(work, c.rel)) in failed_reads)):
+                reuse[i] = -1
+    todo: list[_Candidate] = []
+    newest_ns = int(stat[reuse >= 0, 1].max()) if (reuse >= 0).any() else 0
+    for i in np.flatnonzero(reuse < 0):
+        c, (size, mtime) = cands[i], stat[i].tolist()
+        if c.rel in entries:  # cannot stat
+            continue
+        conv = _converted(work, c.rel)
+        listed = c.path in failed_reads or str(conv) in failed_reads
+        hit = None if listed else _reusable(previous.get(c.rel), size, mtime, c.path, conv, previous.built_ns)
+        if hit is not None and not _limit_changed(hit, max_pixels):
+            entries[c.rel] = hit
+            newest_ns = max(newest_ns, mtime)
+        else:
+            todo.append(c)
+    return _Plan(found, cands, reuse, entries, todo, previous, newest_ns, failed_reads)
+
+
+def _columns(plan: _Plan, work: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """Every file found as the rows of one generation (usable first, each part sorted by path) and
+    its header (fingerprint left to `_publish`). Reused rows are copied from the previous columns
+    in bulk; only the others are filled one by one."""
+    cands, reuse, n = plan.cands, plan.reuse, len(plan.cands)
+    status = np.empty(n, np.uint8)
+    sizes, src = np.full((n, 2), -1, np.int32), np.empty((n, 2), np.int64)
+    sha = np.zeros((n, 32), np.uint8)
+    reasons: dict[int, str] = {}
+    kept = np.flatnonzero(reuse >= 0)
+    if len(kept):
+        g, rows = plan.previous.gen, reuse[kept]
+        status[kept], sizes[kept] = np.asarray(g["status"])[rows], np.asarray(g["sizes"])[rows]
+        src[kept], sha[kept] = np.asarray(g["src_stats"])[rows], np.asarray(g["sha256"])[rows]
+        for i, r in zip(kept.tolist(), rows.tolist()):
+            if r >= g.n_ok:
+                reasons[i] = plan.previous.reason(r)
+    for i in np.flatnonzero(reuse < 0).tolist():
+        e = plan.entries[cands[i].rel]
+        code = {"ok": OK, "converted": CONVERTED}.get(e["status"], TOO_LARGE if e.get("too_large") else BAD)
+        status[i], src[i] = code, (e["size"], e["mtime_ns"])
+        if "w" in e:
+            sizes[i] = (e["w"], e["h"])
+        if e["sha256"]:
+            sha[i] = np.frombuffer(bytes.fromhex(e["sha256"]), np.uint8)
+        if code in (BAD, TOO_LARGE):
+            reasons[i] = e["reason"]
+    read = src.copy()
+    for i in np.flatnonzero(status == CONVERTED).tolist():  # the loaders read the copy
+        read[i] = _file_stat(_converted(work, cands[i].rel))
+    order = np.argsort((status == BAD) | (status == TOO_LARGE), kind="stable")
+    rows = [cands[i] for i in order.tolist()]
+    n_ok = n - len(reasons)
+    rel, offsets = encode_rel([c.rel for c in rows])
+    columns = {"rel": rel, "rel_offsets": offsets, "status": status[order],
+               "labels": np.fromiter((c.label for c in rows), np.int32, count=n),
+               "sizes": sizes[order], "src_stats": src[order], "read_stats": read[order], "sha256": sha[order]}
+    found = plan.found
+    header = {"root": "", "kind": found.kind, "classes": found.classes, "n": n, "n_ok": n_ok,
+              "pre_quarantine": [list(q) for q in found.quarantine], "reasons": [reasons[i] for i in order[n_ok:].tolist()],
+              "ignored": dict(found.ignored.most_common(5))}
+    return columns, header
+
+
+def _same(previous: _Previous, columns: dict[str, np.ndarray], header: dict) -> bool:
+    g = previous.gen
+    if g is None:
+        return False
+    keys = ("root", "kind", "classes", "n", "n_ok", "pre_quarantine", "reasons")
+    return (all(g.header.get(k) == header[k] for k in keys)
+            and all(np.array_equal(np.asarray(g[k]), v) for k, v in columns.items()))
+
+
+def _publish(root: Path, work: Path, plan: _Plan) -> str:
+    """Write a new generation when something changed (else keep the current one); returns its name."""
+    columns, header = _columns(plan, work)
+    header["root"] = str(root)
+    prev = plan.previous
+    # entries verified by re-hashing (racy mtimes) become trusted once old enough: restamp the build time
+    settled = plan.newest_ns >= prev.built_ns - RACY_NS and plan.newest_ns < time.time_ns() - RACY_NS
+    report_path = work / "quarantine.json"
+    same = _same(prev, columns, header)
+    if same and not settled and report_path.exists():
+        name = prev.gen.folder.name
+    else:
+        n_ok, paths = header["n_ok"], PathColumn(columns["rel"], columns["rel_offsets"])
+        header["fingerprint"] = prev.gen.header["fingerprint"] if same else _fingerprint(header["classes"], (
+            (rel, label, digest.tobytes().hex()) for rel, label, digest in
+            zip(paths[:n_ok], columns["labels"][:n_ok].tolist(), columns["sha256"][:n_ok])))
+        name = write_generation(work, columns, header | {"built_ns": time.time_ns()})
+        bad = [tuple(q) for q in plan.found.quarantine] + list(zip(paths[n_ok:], header["reasons"]))
+        report = {"root": str(root), "count": len(bad), "files": [{"path": p, "reason": r} for p, r in bad]}
+        atomic_write(report_path, json.dumps(report, indent=1).encode())
+        if prev.legacy is not None:  # converted: the JSON index is no longer read
+            for old in (prev.legacy, work / ".lock"):
+                old.unlink(missing_ok=True)
+    if plan.failed_reads:  # every file listed there was validated again
+        log.warning("genssl.data: re-validated %d file(s) that could not be read during training (%s)",
+                    len(plan.failed_reads), work / READ_ERRORS_FILE)
+        with contextlib.suppress(OSError):
+            os.replace(work / READ_ERRORS_FILE, work / "read_errors.checked.json")
+    n_bad = len(header["pre_quarantine"]) + len(header["reasons"])
+    if n_bad:
+        log.warning("genssl.data: quarantined %d of %d files in %s (excluded); reasons in %s",
+                    n_bad, header["n"], root, report_path)
+    return name
+
+
+def _todo_args(work: Path, rels: list[str], paths: list[str], max_pixels: int) -> list[tuple[str, str, int]]:
+    return [(p, str(_converted(work, rel)), max_pixels) for rel, p in zip(rels, paths)]
+
+
+def _build_alone(root: Path, work: Path, guard: _Guard, max_pixels: int, num_workers: int | None) -> str:
+    plan = _plan(root, work, guard, max_pixels)
+    rels, paths = [c.rel for c in plan.todo], [c.path for c in plan.todo]
+    for rel, result in zip(rels, _validate(_todo_args(work, rels, paths, max_pixels), num_workers)):
+        plan.entries[rel] = result
+    return _publish(root, work, plan)
+
+
+def _build_together(root: Path, work: Path, guard: _Guard, max_pixels: int, num_workers: int | None,
+                    rank: int, world_size: int, run_id: str, timeout_s: float | None) -> str:
+    """Rank 0 finds the files and what changed, every rank validates a slice of that, rank 0 merges
+    and publishes; the others wait for its ``done`` marker (index_columns.RunDir)."""
+    run = RunDir(work / "runs" / run_id, rank, world_size, timeout_s, str(root))
+    others = list(range(1, world_size))
+    with run.heartbeat():
+        try:
+            if rank == 0:
+                prune_runs(work / "runs")
+                plan = _plan(root, work, guard, max_pixels)
+                todo = {"rels": [c.rel for c in plan.todo], "paths": [c.path for c in plan.todo]}
+                run.publish("todo.json", todo)
+            else:
+                todo = run.wait("todo.json", [0], "find the files of")
+            n = len(todo["rels"])
+            lo, hi = rank * n // world_size, (rank + 1) * n // world_size
+            mine = _validate(_todo_args(work, todo["rels"][lo:hi], todo["paths"][lo:hi], max_pixels), num_workers)
+            if rank != 0:
+                run.publish(f"part-{rank}.json", mine)
+                return run.wait("done.json", [0], "merge")["generation"]
+            results = mine
+            for r in others:
+                results += run.wait(f"part-{r}.json", [r], "validate its slice of")
+            plan.entries.update(zip(todo["rels"], results))
+            name = _publish(root, work, plan)
+            run.publish("done.json", {"generation": name})
+            for big in ["todo.json"] + [f"part-{r}.json" for r in others]:  # read by now; the markers stay
+                (run.folder / big).unlink(missing_ok=True)
+            return name
+        except RankFailed:  # another rank's failure: it has told everyone already
+            raise
+        except BaseException as exc:  # tell the others now rather than let them time out
+            run.fail(f"{type(exc).__name__}: {exc}")
+            raise
+
+
+# ---------------------------------------------------------------------------------------------
+# opening a generation: what every rank does, without parsing
+
+
+def open_index(root: str | os.PathLike, cache_dir: str | os.PathLike | None = None, classes: list[str] | None = None,
+               generation: str | None = None) -> DatasetIndex:
+    """The published index of ``root`` (memory-mapped). ``classes``: label an ImageFolder by class
+    name -> position in ``classes`` (`build_index`). Raises ValueError when nothing usable is there."""
+    root = Path(root).expanduser().resolve()
+    work = index_cache_dir(root, cache_dir)
+    name = generation or current_generation(work)
+    if name is None:
+        raise ValueError(f"no dataset index of {root} in {work}; build it with build_index({str(root)!r})")
+    g = Generation(work / name)
+    h, n_ok = g.header, g.n_ok
+    report = work / "quarantine.json"
+    rel, offsets = g["rel"], g["rel_offsets"]
+    quarantine = [tuple(q) for q in h["pre_quarantine"]] + list(zip(PathColumn(rel, offsets)[n_ok:], h["reasons"]))
+    if n_ok == 0:
+        other = ", ".join(f"{k} {ext}" for ext, k in h["ignored"].items()) or "none"
+        raise ValueError(
+            f"no usable images in {root} (layout: {h['kind']}): {h['n']} image files found, "
+            f"{len(quarantine)} quarantined (see {report}); other files: {other}. Expected class "
+            f"subfolders of .jpg/.png (ImageFolder), a flat folder of images, or WebDataset .tar shards.")
+    labels, own = g["labels"][:n_ok], list(h["classes"])
+    names, fingerprint = own, h["fingerprint"]
+    if classes is not None and h["kind"] == "imagefolder":
+        names = list(classes)
+        labels = _label_by_name(own, names, root)[labels]
+        if names != own:  # the fingerprint covers the labels and class names
+            sha = g["sha256"]
+            fingerprint = _fingerprint(names, ((r, int(y), sha[i].tobytes().hex()) for i, (r, y) in
+                                               enumerate(zip(PathColumn(rel, offsets, n_ok), labels))))
+    read_prefix = str(work / "extracted") + "/" if h["kind"] == "webdataset" else str(root) + "/"
+    return DatasetIndex(
+        root=root, paths=PathColumn(rel, offsets, n_ok, read_prefix, g["status"], str(work / "converted") + "/", g.folder),
+        source_paths=PathColumn(rel, offsets, n_ok, folder=g.folder), sizes=g["sizes"][:n_ok], labels=labels,
+        classes=names, fingerprint=fingerprint, quarantine=quarantine, report=report,
+        file_stats=g["read_stats"][:n_ok])
+
+
+def _label_by_name(own: list[str], classes: list[str], root: Path) -> np.ndarray:
+    """The map (int32 [len(own)]) from an ImageFolder split's own class positions to positions in
+    another split's class list (val labelled with train's): a sample's label is its class folder's
+    *name*'s position in ``classes``, so a val/ lacking a class keeps every other label right. A
+    class that ``classes`` lacks cannot be scored and is an error; a class of ``classes`` absent here is fine."""
+    position = {name: i for i, name in enumerate(classes)}
+    assert len(position) == len(classes), f"duplicate class names in {classes}"
+    unknown = [name for name in own if name not in position]
+    if unknown:
+        shown = ", ".join(classes[:10]) + (f", ... ({len(classes)} in all)" if len(classes) > 10 else "")
+        raise ValueError(
+            f"{root} has class folder(s) {unknown} that the train split does not have (train classes: "
+            f"{shown or 'none'}); val labels are looked up by class name in train's classes, so every val "
+            f"class folder must also be a train class folder: rename or remove {unknown} in {root}, or add "
+            "them to train/")
+    return np.array([position[name] for name in own], dtype=np.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,11 +868,12 @@ def _fingerprint(classes: list[str], rows: list[tuple[str, int, str]]) -> str:
 def build_index(folder: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
                 num_workers: int | None = None, classes: list[str] | None = None,
                 max_pixels: int = MAX_PIXELS, external_links: bool | None = None,
-                data_root: str | os.PathLike | None = None) -> DatasetIndex:
-    """Validate ``folder`` (once; later calls reuse the cache) and return its index.
+                data_root: str | os.PathLike | None = None, *, rank: int = 0, world_size: int = 1,
+                run_id: str | None = None, timeout_s: float | None = None) -> DatasetIndex:
+    """Validate ``folder`` (once; later calls re-read only changed files) and return its index.
 
-    ``num_workers`` threads decode in parallel (PIL releases the GIL while decoding); default
-    ``min(os.cpu_count(), 16)``. ``classes`` (a val split: the train index's ``classes``) labels an
+    ``num_workers`` processes decode in parallel; default: this process's share of the cores
+    (`default_workers`). ``classes`` (a val split: the train index's ``classes``) labels an
     ImageFolder by class name -> position in ``classes`` instead of by its own folders, and becomes
     the index's ``classes``; a class folder not in ``classes`` is a ValueError. Images over
     ``max_pixels`` pixels are quarantined without being decoded. Quarantined files are summarised
@@ -548,6 +882,11 @@ def build_index(folder: str | os.PathLike, cache_dir: str | os.PathLike | None =
     val/ to let a val split link into train/); links out of it are quarantined unless
     ``external_links`` (default: ``$GENSSL_FOLLOW_EXTERNAL_LINKS`` is 1). Raises ValueError if the
     folder is missing or unreadable, or nothing usable is left.
+
+    Several ranks (``world_size`` > 1) call it together with one ``run_id`` (the same string on
+    every rank, new for each run): rank 0 finds the files, each rank validates a slice of the changed
+    ones, rank 0 publishes, and each rank then maps the result. A rank waiting on another with no
+    sign of progress for ``timeout_s`` (default ``$GENSSL_INDEX_TIMEOUT`` or 600 s) raises TimeoutError.
     """
     root = Path(folder).expanduser()
     if not root.exists():
@@ -558,95 +897,21 @@ def build_index(folder: str | os.PathLike, cache_dir: str | os.PathLike | None =
         raise ValueError(f"data_root {link_root} does not contain the dataset folder {root}; pass the folder that holds it")
     if external_links is None:
         external_links = os.environ.get(EXTERNAL_LINKS_ENV, "") == "1"
-    work = index_cache_dir(root, cache_dir)
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be a positive pixel count (default {MAX_PIXELS:,}); got {max_pixels}")
-    with _locked(work):
-        return _build_locked(root, work, num_workers, classes, max_pixels, _Guard(root, link_root, external_links))
-
-
-def _build_locked(root: Path, work: Path, num_workers: int | None, classes: list[str] | None,
-                  max_pixels: int, guard: _Guard) -> DatasetIndex:
-    # The cache holds per-file validation only (labels are derived from the folders on every call),
-    # so one cache serves a folder whatever class list labels it.
-    index_path, report_path = work / "index.json", work / "quarantine.json"
-    cached = _load_cache(index_path, root)
-    found = _discover(root, work, guard)
-    if classes is not None:
-        found = _label_by_name(found, classes, root)
-    old_entries: dict = cached["entries"]
-    entries: dict[str, dict] = {}
-    todo: list[_Candidate] = []
-    newest_ns = 0
-    failed_reads = _failed_reads(work / READ_ERRORS_FILE)
-    for c in found.candidates:
-        conv = work / "converted" / (c.rel + CONVERTED_SUFFIX)
-        try:
-            st = c.path.stat()
-        except OSError as exc:
-            entries[c.rel] = {"status": "bad", "reason": f"cannot stat: {exc}", "size": -1, "mtime_ns": -1, "sha256": ""}
-            continue
-        listed = str(c.path) in failed_reads or str(conv) in failed_reads
-        hit = None if listed else _reusable(old_entries.get(c.rel), st, c.path, conv, cached["built_ns"])
-        if hit is not None and not _limit_changed(hit, max_pixels):
-            entries[c.rel] = hit
-            newest_ns = max(newest_ns, st.st_mtime_ns)
-        else:
-            todo.append(c)
-    if todo:
-        workers = max(1, num_workers if num_workers is not None else min(os.cpu_count() or 1, 16))
-        args = [(str(c.path), str(work / "converted" / (c.rel + CONVERTED_SUFFIX)), max_pixels) for c in todo]
-        lenient, pil_limit = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
-        try:
-            if workers == 1 or len(todo) < 32:
-                results = [_inspect_strict(*a) for a in args]
-            else:
-                with ThreadPoolExecutor(workers) as pool:
-                    results = list(pool.map(lambda a: _inspect_strict(*a), args))
-        finally:  # PIL's flags are process-wide: give them back
-            ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = lenient, pil_limit
-        for c, r in zip(todo, results):
-            entries[c.rel] = r
-    pre = [list(q) for q in found.quarantine]
-    changed = entries != old_entries or pre != cached.get("pre_quarantine", [])
-    # entries verified by re-hashing (racy mtimes) become trusted once old enough: restamp the cache
-    settled = newest_ns >= cached["built_ns"] - RACY_NS and newest_ns < time.time_ns() - RACY_NS
-    if changed or settled or not index_path.exists() or not report_path.exists():
-        _write_cache(root, found, entries, index_path, report_path)
-
-    if failed_reads:  # every file listed there was validated again above
-        log.warning("genssl.data: re-validated %d file(s) that could not be read during training (%s)",
-                    len(failed_reads), work / READ_ERRORS_FILE)
-        with contextlib.suppress(OSError):
-            os.replace(work / READ_ERRORS_FILE, work / "read_errors.checked.json")
-
-    rows, paths, sizes, labels, stats = [], [], [], [], []
-    quarantine = list(found.quarantine)
-    for c in sorted(found.candidates, key=lambda c: c.rel):
-        e = entries[c.rel]
-        if e["status"] == "bad":
-            quarantine.append((c.rel, e["reason"]))
-            continue
-        read = work / "converted" / (c.rel + CONVERTED_SUFFIX) if e["status"] == "converted" else c.path
-        paths.append(str(read))
-        sizes.append((e["w"], e["h"]))
-        labels.append(c.label)
-        rows.append((c.rel, c.label, e["sha256"]))
-        stats.append(_file_stat(read) if e["status"] == "converted" else (e["size"], e["mtime_ns"]))
-    if quarantine:
-        log.warning("genssl.data: quarantined %d of %d files in %s (excluded); reasons in %s",
-                    len(quarantine), len(found.candidates), root, report_path)
-    if not paths:
-        other = ", ".join(f"{n} {ext}" for ext, n in found.ignored.most_common(5)) or "none"
-        raise ValueError(
-            f"no usable images in {root} (layout: {found.kind}): {len(found.candidates)} image files found, "
-            f"{len(quarantine)} quarantined (see {report_path}); other files: {other}. Expected class "
-            f"subfolders of .jpg/.png (ImageFolder), a flat folder of images, or WebDataset .tar shards.")
-    return DatasetIndex(root=root, paths=paths, source_paths=[r[0] for r in rows],
-                        sizes=np.asarray(sizes, dtype=np.int64).reshape(-1, 2),
-                        labels=np.asarray(labels, dtype=np.int64), classes=list(found.classes),
-                        fingerprint=_fingerprint(found.classes, rows), quarantine=quarantine,
-                        report=report_path, file_stats=np.asarray(stats, dtype=np.int64).reshape(-1, 2))
+    if world_size > 1 and not run_id:
+        raise ValueError("build_index on several ranks needs run_id=, one string shared by all ranks of this run "
+                         "(engine.setup.load_data broadcasts one from rank 0)")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    work = index_cache_dir(root, cache_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    guard = _Guard(root, link_root, external_links)
+    if world_size == 1:
+        name = _build_alone(root, work, guard, max_pixels, num_workers)
+    else:
+        name = _build_together(root, work, guard, max_pixels, num_workers, rank, world_size, str(run_id), timeout_s)
+    return open_index(root, cache_dir, classes, name)
 
 
 def _file_stat(path: Path) -> tuple[int, int]:
@@ -665,10 +930,17 @@ def _failed_reads(path: Path) -> set[str]:
     return set()
 
 
-def _write_cache(root: Path, found: _Found, entries: dict, index_path: Path, report_path: Path) -> None:
-    doc = {"version": INDEX_VERSION, "root": str(root), "kind": found.kind, "classes": found.classes,
-           "built_ns": time.time_ns(), "pre_quarantine": [list(q) for q in found.quarantine], "entries": entries}
-    _atomic_write(index_path, json.dumps(doc).encode(), fsync=True)
-    bad = list(found.quarantine) + [(rel, e["reason"]) for rel, e in sorted(entries.items()) if e["status"] == "bad"]
-    report = {"root": str(root), "count": len(bad), "files": [{"path": p, "reason": r} for p, r in bad]}
-    _atomic_write(report_path, json.dumps(report, indent=1).encode(), fsync=True)
+if __name__ == "__main__":  # python -m genssl.data.index FOLDER [--cache DIR]: build once, before a multi-node run
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Validate a dataset folder and publish its index in the cache.")
+    parser.add_argument("folder")
+    parser.add_argument("--cache", default=None, help="cache folder (default $GENSSL_CACHE or ~/.cache/genssl)")
+    parser.add_argument("--workers", type=int, default=None, help="validating processes (default: every core)")
+    cli = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from genssl.data import index as module  # the importable module, so pool workers find its functions
+
+    ix = module.build_index(cli.folder, cli.cache, num_workers=cli.workers)
+    print(f"{len(ix)} images, {len(ix.classes)} classes, {len(ix.quarantine)} quarantined; "
+          f"index in {module.index_cache_dir(cli.folder, cli.cache)}")

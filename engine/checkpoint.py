@@ -3,7 +3,7 @@
 Layout under ``<run>/checkpoints/``::
 
     step00000120/        a complete checkpoint (DeepSpeed files + rank*_extra.pt + COMPLETE)
-    latest               text file naming the newest complete checkpoint
+    latest               text file naming the newest complete checkpoint (informative: resume scans)
     .tmp/                where a checkpoint is written before it is renamed into place
 
 A run killed at any moment leaves either the previous complete checkpoint or the new one, never a
@@ -116,13 +116,12 @@ class CheckpointManager:
         self.dist = dist
 
     def latest(self) -> str | None:
-        """Tag of the newest complete checkpoint, or None."""
-        marker = self.dir / "latest"
-        if marker.is_file():
-            tag = marker.read_text().strip()
-            if (self.dir / tag / COMPLETE).is_file():
-                return tag
-        # `latest` lost or stale (killed between rename and marker): fall back to a scan.
+        """Tag of the newest complete checkpoint (highest step with ``COMPLETE``), or None.
+
+        Found by a scan, not read from the ``latest`` file: a run killed after renaming a checkpoint
+        into place but before rewriting ``latest`` has that checkpoint complete while ``latest`` still
+        names the one before (bench/faults.py, point ``ckpt-rename``); trusting the file would throw
+        away a checkpoint interval of work. ``latest`` is kept for people and tools."""
         tags = sorted(p.name for p in self.dir.glob("step*") if (p / COMPLETE).is_file())
         return tags[-1] if tags else None
 

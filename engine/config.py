@@ -325,7 +325,7 @@ def write_config(cfg, path: str) -> None:
 # logging or workers, is still the same run. Everything else is part of it: data, seed, model, epochs,
 # every optim / ema / crops / method key.
 NOT_RESULT_KEYS = ("out", "log", "progress", "num_workers", "cache_dir", "ckpt.every_steps", "ckpt.keep_last",
-                   "ckpt.resume", "report", "report_sources", "verify")
+                   "ckpt.resume", "report", "report_sources", "verify", "tensorboard", "contact_sheet")
 # A checkpoint holds the training alone; evaluation runs after it, so eval.* may change on resume.
 NOT_TRAINING_KEYS = NOT_RESULT_KEYS + ("eval",)
 

@@ -42,6 +42,8 @@ def timm_spec(backbone: nn.Module, config: dict) -> dict:
         return {"model_name": None, "reason": f"stem_stride={arch['stem_stride']}: a 3x3-conv ResNet stem without "
                 "max-pool, which timm cannot build; load it with genssl.engine.export.load_encoder"}
     kwargs: dict = {"num_classes": 0}
+    if arch.get("width", 64) != 64:  # as models/backbones.py builds a narrower ResNet
+        kwargs.update(channels=[arch["width"] * m for m in (1, 2, 4, 8)])
     if arch["name"].startswith("vit_"):  # as models/backbones.py builds them
         kwargs.update(img_size=arch["img_size"], patch_size=arch["patch_size"] or 16, dynamic_img_size=True,
                       use_naflex=False)

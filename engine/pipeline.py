@@ -25,7 +25,7 @@ from genssl.engine.config import ConfigError, run_differences, run_identity
 from genssl.engine.distributed import DistInfo, barrier
 
 __all__ = ["STAGE_FILE", "finished", "mark_finished", "run_stage", "supplied_encoder", "sub_config", "stage_eldm",
-           "stage_views", "real_synthetic_loader", "print_table"]
+           "stage_views", "pipeline_presets", "real_synthetic_loader", "print_table"]
 
 STAGE_FILE = "stage.json"
 
@@ -110,16 +110,36 @@ def stage_views(cfg, dist: DistInfo, eldm: Path | None, **changes) -> Path:
     further generation keys (MixDiff: ``pipeline=`` and the judging ``encoder=`` instead of an E-LDM).
     A rerun verifies the store first and regenerates its damaged sources (recipes/generate_views.py
     ``verify=true``); a supplied ``views=`` is used as it is (the loader falls back to real crops for
-    damaged views and reports them)."""
+    damaged views and reports them). The contact sheet goes to ``out/views.png`` (unless
+    ``generation.contact_sheet=`` names another) and, with ``log.tensorboard``, to TensorBoard in ``out/``."""
     from genssl.recipes import generate_views as generation_recipe
 
     if cfg.views:
         return Path(cfg.views)
+    sheet = cfg.generation.contact_sheet or str(Path(cfg.out) / "views.png")
     gcfg = dataclasses.replace(cfg.generation, eldm=str(eldm) if eldm else "", data=cfg.data,
                                out=str(Path(cfg.out) / "views.zarr"), seed=cfg.seed, cache_dir=cfg.cache_dir,
-                               num_workers=cfg.num_workers, progress=cfg.log.progress, verify=True, **changes)
+                               num_workers=cfg.num_workers, progress=cfg.log.progress, verify=True,
+                               contact_sheet=sheet, tensorboard=cfg.log.tensorboard and cfg.generation.tensorboard,
+                               **changes)
     generation_recipe.generate(gcfg, dist)  # skips every finished source; refuses a mismatched store
     return Path(gcfg.out)
+
+
+def pipeline_presets(method_presets: dict[str, dict], **generation) -> dict[str, dict]:
+    """A pipeline's presets: each of the method's (recipes/ssl_methods.py, recipes/dino.py) with the
+    E-LDM section ``generator`` and the ``generation`` section of its scale (recipes/eldm.py and
+    recipes/generate_views.py presets: ImageNet-sized for ``imagenet``, CPU-sized for every other),
+    ``generation`` overriding keys of the latter (e.g. one view per image, no interpolated views)."""
+    from genssl.recipes import eldm as eldm_recipe
+    from genssl.recipes import generate_views as generation_recipe
+
+    out = {}
+    for name, preset in method_presets.items():
+        scale = "imagenet" if name == "imagenet" else "smoke"
+        out[name] = {**preset, "generator": eldm_recipe.PRESETS[scale],
+                     "generation": {**generation_recipe.PRESETS[scale], **generation}}
+    return out
 
 
 def real_synthetic_loader(cfg, dist: DistInfo, index, views: Path, spec, p_gen: float, interpolation: bool = False):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Literal
 
 from genssl.engine.config import ConfigError
@@ -110,6 +111,13 @@ class TrainConfig:
     model: ModelName = "vit_small"
     patch_size: int = 16
     stem_stride: int = 4  # ResNets: 4 = ImageNet stem; 1 or 2 = a 3x3 conv stem for small images (models/backbones.py)
+    width: int = 64  # ResNets: first-stage channels (stages: width, 2x, 4x, 8x; 64 = timm's); ViTs: leave 64
+    # ViTs: "packed" runs all crops of a batch (every resolution) as one token sequence with block-diagonal
+    # attention, one backbone pass instead of one per resolution (models/packed_vit.py); ResNets: per_resolution
+    multicrop: Literal["per_resolution", "packed"] = "per_resolution"
+    # the packed pass's attention kernel: sdpa = torch SDPA with a block mask; xformers = its BlockDiagonalMask
+    # (CUDA); auto = xformers when importable and on CUDA, else sdpa
+    attention: Literal["auto", "sdpa", "xformers"] = "auto"
     zero_stage: int = 0
     precision: Precision = "bf16"
     seed: int = 0
@@ -130,3 +138,12 @@ class TrainConfig:
             raise ConfigError(f"epochs and batch_size must be >= 1 (got epochs={self.epochs}, batch_size={self.batch_size})")
         if self.patch_size < 1:
             raise ConfigError(f"patch_size must be >= 1 (got {self.patch_size})")
+        if self.multicrop == "packed" and not self.model.startswith("vit_"):
+            raise ConfigError(f"multicrop=packed packs ViT tokens, but model={self.model}; use multicrop=per_resolution "
+                              "with a ResNet, or a vit_* model")
+        if self.attention == "xformers" and self.multicrop != "packed":
+            raise ConfigError("attention=xformers is the kernel of the packed multi-crop pass; set multicrop=packed too "
+                              "(the per-resolution ViT uses timm's SDPA)")
+        if self.attention == "xformers" and importlib.util.find_spec("xformers") is None:
+            raise ConfigError("attention=xformers but xformers is not installed; pip install --no-deps xformers "
+                              "(it must not replace torch), or use attention=auto / attention=sdpa")

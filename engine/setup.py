@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import uuid
 
 from genssl.data.augment import MultiCropSpec
 from genssl.data.builtin import resolve_data
 from genssl.data.index import DatasetIndex, build_index
-from genssl.engine.distributed import DistInfo, barrier
+from genssl.engine.distributed import DistInfo, broadcast_object
 from genssl.engine.run_config import TrainConfig
 
 
@@ -18,26 +19,24 @@ class Data:
 
 
 def load_data(spec: str, cache_dir: str, dist: DistInfo) -> Data:
-    """Resolve ``data=`` and index it; rank 0 first (it writes built-in data and caches), then the rest."""
+    """Resolve ``data=`` and index it on every rank together: rank 0 writes built-in data first,
+    then finds the files, every rank validates a slice of those that changed, rank 0 publishes the
+    index and each rank maps it (data/index.py; coordinated through files in the cache, no flock)."""
     cache = cache_dir or None
-
-    def build() -> Data:
+    splits = resolve_data(spec, cache) if dist.is_main else None
+    # one id for this run's index markers; the broadcast also holds the other ranks until built-in data exist
+    run_id = broadcast_object(uuid.uuid4().hex if dist.is_main else None)
+    if splits is None:
         splits = resolve_data(spec, cache)
-        root = splits.train.parent if splits.val is not None else None  # links from val/ into train/ stay inside
-        train = build_index(splits.train, cache, data_root=root)
-        # val is labelled by class name with train's classes: a val/ lacking a class must not shift the rest
-        val = (build_index(splits.val, cache, classes=train.classes or None, data_root=root)
-               if splits.val is not None else None)
-        return Data(train, val)
-
-    if dist.is_main:
-        data = build()
-        if data.train.quarantine:
-            print(f"data: {len(data.train.quarantine)} unreadable file(s) skipped; reasons in {data.train.report}", flush=True)
-    barrier()
-    if not dist.is_main:
-        data = build()
-    return data
+    together = {"rank": dist.rank, "world_size": dist.world_size, "run_id": run_id}
+    root = splits.train.parent if splits.val is not None else None  # links from val/ into train/ stay inside
+    train = build_index(splits.train, cache, data_root=root, **together)
+    # val is labelled by class name with train's classes: a val/ lacking a class must not shift the rest
+    val = (build_index(splits.val, cache, classes=train.classes or None, data_root=root, **together)
+           if splits.val is not None else None)
+    if dist.is_main and train.quarantine:
+        print(f"data: {len(train.quarantine)} unreadable file(s) skipped; reasons in {train.report}", flush=True)
+    return Data(train, val)
 
 
 def train_loader(index: DatasetIndex, spec: MultiCropSpec, cfg: TrainConfig, dist: DistInfo):

@@ -12,6 +12,11 @@ same map, so the "null" token is learned with it (dropped rows in training, ε_u
 
 The guided UNet step used by every sampler backend is :func:`guided_eps` / :class:`GuidedStep`:
 ``cat([x, x]) → UNet(·, t, cat([uncond, cond])) → split → ε_u + w(ε_c − ε_u)``.
+
+The UNet's attention kernel (:func:`set_unet_attention`, ``generation.attention=``): ``sdpa`` is
+diffusers' ``AttnProcessor2_0`` (torch SDPA), ``xformers`` its xformers processor (CUDA only), ``auto``
+xformers when it is importable and the UNet is on CUDA, else sdpa (models/packed_vit.py
+``resolve_attention``, the rule of the ViT's packed multi-crop pass). Both compute the same attention.
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from genssl.models.packed_vit import resolve_attention
+
 __all__ = [
     "ELDMConfig", "ELDM", "GuidedStep", "guided_eps", "tiny_eldm_config", "state_hash",
-    "save_eldm", "load_eldm",
+    "save_eldm", "load_eldm", "set_unet_attention",
 ]
 
 
@@ -150,6 +157,23 @@ def guided_eps(unet: nn.Module, latents: torch.Tensor, t, cond_tokens: torch.Ten
     return eps_u + w * (eps_c - eps_u)
 
 
+def set_unet_attention(unet: nn.Module, attention: str = "auto") -> str:
+    """Set every attention processor of a diffusers UNet for ``attention=`` ("auto", "sdpa", "xformers")
+    on the UNet's current device; returns the kernel chosen ("sdpa" or "xformers").
+
+    Move the UNet to its device first. xformers runs eager only: the compiled, CUDA-graph and
+    TensorRT sampler backends (generators/backends.py) want ``sdpa``.
+    """
+    backend = resolve_attention(attention, next(unet.parameters()).device)
+    if backend == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+    else:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+    return backend
+
+
 class GuidedStep(nn.Module):
     """``nn.Module`` wrapper of :func:`guided_eps` (what is compiled / exported to ONNX)."""
 
@@ -221,6 +245,10 @@ class ELDM(nn.Module):
                 drop_mask: torch.Tensor | None = None) -> torch.Tensor:
         """ε prediction ``[B, C, h, w]`` for noisy ``latents`` at timesteps ``t`` given embeddings ``e``."""
         return self.unet_eps(latents, t, self.condition(e, drop_mask))
+
+    def set_attention(self, attention: str = "auto") -> str:
+        """:func:`set_unet_attention` on this model's UNet; returns "sdpa" or "xformers"."""
+        return set_unet_attention(self.unet, attention)
 
     def guided_step(self) -> GuidedStep:
         return GuidedStep(self.unet)

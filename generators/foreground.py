@@ -28,7 +28,9 @@ encoders never saw the SSL data set.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -38,10 +40,12 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["TokenEncoder", "load_token_encoder", "ForegroundPCA", "fit_foreground_pca", "foreground_proportions",
-           "adaptive_noise_level", "noise_level_histogram", "NOISE_LEVEL_BINS", "MAX_NOISE_LEVEL"]
+           "adaptive_noise_level", "noise_level_histogram", "NOISE_LEVEL_BINS", "MAX_NOISE_LEVEL", "FOREGROUND_FRACTION",
+           "token_encoder_hash", "sample_index", "fit_dataset_pca", "dataset_foreground_proportions"]
 
 NOISE_LEVEL_BINS = 5    # the proportion's range [0, 1] cut into 5 equal intervals (paper §3.3)
 MAX_NOISE_LEVEL = 400   # the paper caps the level at 400 of unCLIP's 1000
+FOREGROUND_FRACTION = 0.4  # share of a sample's tokens above the global threshold (paper App. A)
 
 
 # ----------------------------------------------------------------------------------------- tokens
@@ -55,12 +59,14 @@ class TokenEncoder(nn.Module):
         mean, std: the normalisation the encoder expects.
         size: resize inputs to ``size²`` first (encoders with a fixed position embedding); ``None`` feeds
             them as they come (genssl ViTs interpolate their position embedding, CNNs take any size).
+        input_size: the side a data set's images are read at for this encoder (default ``size``, else 224).
 
     ``forward(images, input_mean, input_std)`` re-normalises images that were normalised with other
     statistics (e.g. the training crops' ImageNet mean/std) to the encoder's own.
     """
 
-    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float], size: int | None = None):
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float], size: int | None = None,
+                 input_size: int | None = None):
         super().__init__()
         self.model = model.eval()
         for p in self.model.parameters():
@@ -68,6 +74,8 @@ class TokenEncoder(nn.Module):
         self.register_buffer("mean", torch.tensor([float(m) for m in mean]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([float(s) for s in std]).view(1, 3, 1, 1), persistent=False)
         self.size = None if size is None else int(size)
+        # the side to read a data set's images at for this encoder (dataset_foreground_proportions)
+        self.input_size = int(input_size or size or 224)
         if hasattr(model, "output_tokens") and hasattr(model, "transformer"):
             model.output_tokens = True  # open_clip ViT: forward returns (pooled, tokens)
             self.kind = "open_clip_vit"
@@ -131,11 +139,13 @@ def _feature_map_to_grid(fmap: torch.Tensor, model: nn.Module) -> torch.Tensor:
     return fmap.permute(0, 2, 3, 1) if fmap.shape[1] == c else fmap
 
 
-def load_token_encoder(spec: str | Path, device: torch.device | str = "cpu") -> TokenEncoder:
+def load_token_encoder(spec: str | Path, device: torch.device | str = "cpu", size: int = 0) -> TokenEncoder:
     """A :class:`TokenEncoder` from a local path (nothing is downloaded):
 
     * a genssl encoder: a run directory or its ``encoder.safetensors`` (``encoder.json`` beside it) —
-      its own normalisation, fed at any size;
+      its own normalisation; inputs are resized to ``size`` when given (a CNN at 32 px has a 2×2 grid,
+      too coarse for a foreground map: ``size=64`` gives 4×4), else fed as they come, and a data set
+      is read at its eval size;
     * a timm folder: ``config.json`` naming the ``architecture`` + ``model.safetensors`` /
       ``pytorch_model.bin`` (the layout of timm models on the Hugging Face hub);
     * an open_clip folder: ``open_clip_config.json`` + weights (open_clip's ``local-dir:`` layout, e.g.
@@ -148,8 +158,8 @@ def load_token_encoder(spec: str | Path, device: torch.device | str = "cpu") -> 
         from genssl.generators.training import encoder_input
 
         model, meta = load_encoder(path, device)
-        spec_in = encoder_input(meta)
-        return TokenEncoder(model, spec_in.mean, spec_in.std).to(device)
+        spec_in = encoder_input(meta, size)
+        return TokenEncoder(model, spec_in.mean, spec_in.std, size=size or None, input_size=spec_in.size).to(device)
     if path.is_dir() and (path / "open_clip_config.json").is_file():
         try:
             import open_clip
@@ -163,7 +173,7 @@ def load_token_encoder(spec: str | Path, device: torch.device | str = "cpu") -> 
         size = size[0] if isinstance(size, (tuple, list)) else size
         mean = cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)
         std = cfg.get("std", open_clip.OPENAI_DATASET_STD)
-        return TokenEncoder(visual, mean, std, size=int(size)).to(device)
+        return TokenEncoder(visual, mean, std, size=int(size)).to(device)  # a fixed input side: size= is ignored
     if path.is_dir() and (path / "config.json").is_file():
         import timm
 
@@ -178,7 +188,9 @@ def load_token_encoder(spec: str | Path, device: torch.device | str = "cpu") -> 
                                   pretrained_cfg_overlay={**config.get("pretrained_cfg", {}), "file": str(weights)})
         cfg = model.pretrained_cfg
         fixed = hasattr(model, "patch_embed") and not getattr(model.patch_embed, "dynamic_img_size", False)
-        return TokenEncoder(model, cfg["mean"], cfg["std"], size=int(cfg["input_size"][-1]) if fixed else None).to(device)
+        side = int(cfg["input_size"][-1])
+        return TokenEncoder(model, cfg["mean"], cfg["std"], size=side if fixed else (size or None),
+                            input_size=side if fixed else (size or side)).to(device)
     raise ValueError(f"{spec}: not a genssl encoder (encoder.json), an open_clip folder (open_clip_config.json) "
                      "or a timm folder (config.json); pass one of those")
 
@@ -237,7 +249,7 @@ def _reiterable(images: Iterable) -> Iterable:
 
 
 def fit_foreground_pca(token_fn: Callable[[torch.Tensor], torch.Tensor], images: Iterable[torch.Tensor],
-                       foreground_fraction: float = 0.4) -> ForegroundPCA:
+                       foreground_fraction: float = FOREGROUND_FRACTION) -> ForegroundPCA:
     """PC-1, its sign and the global threshold from the tokens of a sample of the data set.
 
     Args:
@@ -323,3 +335,100 @@ def noise_level_histogram(levels) -> dict[str, int]:
     arr = np.asarray(levels.cpu() if isinstance(levels, torch.Tensor) else levels).reshape(-1).astype(np.int64)
     values, counts = np.unique(arr, return_counts=True)
     return {str(int(v)): int(c) for v, c in zip(values, counts)}
+
+
+# ------------------------------------------------------------------------------------ data sets
+def token_encoder_hash(spec: str | os.PathLike) -> str:
+    """sha256 naming the weights behind ``load_token_encoder(spec)``: a genssl encoder file's own
+    hash (as the E-LDM records it), else a hash of every file of the folder (names and contents)."""
+    from genssl.generators.training import file_sha256
+
+    path = Path(spec)
+    if path.is_file():
+        return file_sha256(path)
+    if (path / "encoder.json").is_file():
+        from genssl.engine.export import resolve_encoder_path
+
+        return file_sha256(resolve_encoder_path(path))
+    if not path.is_dir():
+        raise ValueError(f"{spec}: no such encoder file or folder")
+    h = hashlib.sha256()
+    for f in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(f"{f.relative_to(path)}\0{file_sha256(f)}\0".encode())
+    return h.hexdigest()
+
+
+def sample_index(index, n: int, seed: int):
+    """The ``n`` images (uniform without replacement, seeded; all when ``n >= len(index)``) of a
+    ``DatasetIndex``, in index order, as a ``DatasetIndex`` of their own."""
+    rows = np.arange(len(index)) if n >= len(index) else \
+        np.sort(np.random.default_rng([int(seed), 0x46]).choice(len(index), size=int(n), replace=False))
+    stats = None if index.file_stats is None else index.file_stats[rows]
+    return dataclasses.replace(index, paths=[index.paths[i] for i in rows],
+                               source_paths=[index.source_paths[i] for i in rows], sizes=index.sizes[rows],
+                               labels=index.labels[rows], fingerprint=f"{index.fingerprint}:sample{len(rows)}:{seed}",
+                               quarantine=[], file_stats=stats)
+
+
+class _Images:
+    """Re-iterable ``[B, 3, s, s]`` batches of a ``DatasetIndex`` on ``device``, read as ``encoder``
+    expects them: side ``encoder.input_size`` (whole image, shorter side resized, centre square),
+    its own normalisation; one process reads them all."""
+
+    def __init__(self, index, encoder: TokenEncoder, device: torch.device, batch_size: int, num_threads: int):
+        from genssl.data.dali_loader import DaliEvalLoader
+
+        self.device = torch.device(device)
+        self.loader = DaliEvalLoader(index, encoder.input_size, batch_size, 0, 1,
+                                     device_id=self.device.index if self.device.type == "cuda" else None,
+                                     num_threads=num_threads, crop_ratio=1.0, mean=encoder.mean.flatten().tolist(),
+                                     std=encoder.std.flatten().tolist())
+
+    def __iter__(self):
+        for images, _, _ in self.loader:
+            yield images.to(self.device)
+
+
+def fit_dataset_pca(encoder: TokenEncoder, index, device: torch.device | str, n_sample: int = 10_000, seed: int = 0,
+                    foreground_fraction: float = FOREGROUND_FRACTION, batch_size: int = 64,
+                    num_threads: int = 2) -> ForegroundPCA:
+    """:func:`fit_foreground_pca` of ``encoder``'s tokens over ``n_sample`` images of ``index`` (the
+    paper: 10,000 random training images), drawn by :func:`sample_index`."""
+    images = _Images(sample_index(index, n_sample, seed), encoder, device, batch_size, num_threads)
+    return fit_foreground_pca(encoder, images, foreground_fraction)
+
+
+def dataset_foreground_proportions(encoder: TokenEncoder, encoder_hash: str, index, dist, n_sample: int = 10_000,
+                                   seed: int = 0, foreground_fraction: float = FOREGROUND_FRACTION,
+                                   batch_size: int = 64, num_threads: int = 2, cache_dir=None,
+                                   log=print) -> np.ndarray:
+    """``p_i`` ``[N]`` (float64) of every image of ``index``, cached like the E-LDM's embeddings
+    (``generators/training.cached_dataset_tensor``: every rank computes its share, then the file is
+    reused) under the key (data fingerprint, ``encoder_hash``, input side, sample, seed, fraction).
+
+    Only when the cache is missing, rank 0 fits the PCA on the sample (:func:`fit_dataset_pca`) and
+    sends it to the other ranks. Every rank must call this."""
+    from genssl.engine.distributed import broadcast_object
+    from genssl.generators.autoencoder import LatentCache
+    from genssl.generators.training import _cache_dir, cached_dataset_tensor
+
+    key = (f"foreground:{encoder_hash}|size={encoder.input_size}|sample={int(n_sample)}|seed={int(seed)}"
+           f"|fraction={float(foreground_fraction)}")
+    cache = LatentCache(_cache_dir(cache_dir), index.fingerprint, key, name="foreground")
+    pca = None
+    if not broadcast_object(cache.exists() if dist.is_main else None):
+        if dist.is_main:
+            if log:
+                log(f"foreground PCA of {min(n_sample, len(index))} images at {encoder.input_size}px")
+            try:
+                pca = fit_dataset_pca(encoder, index, dist.device, n_sample, seed, foreground_fraction, batch_size,
+                                      num_threads).state_dict()
+            except ValueError as e:  # raised on every rank below, so none waits for rank 0 forever
+                pca = e
+        pca = broadcast_object(pca)
+        if isinstance(pca, Exception):
+            raise pca
+        pca = ForegroundPCA.from_state_dict(pca)
+    mean, std = encoder.mean.flatten().tolist(), encoder.std.flatten().tolist()
+    return cached_dataset_tensor(cache, "foreground", index, dist, lambda x: pca.proportion(encoder(x)),
+                                 encoder.input_size, mean, std, 1.0, batch_size, num_threads, torch.float64, log)

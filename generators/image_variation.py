@@ -166,19 +166,28 @@ class ImageVariationSampler:
     __call__ = sample
 
     def _sample(self, e: torch.Tensor, seeds: list[int]) -> np.ndarray:
-        pipe, guided = self.pipe, self.guidance > 1.0  # w <= 1: no guidance, as the pipeline
         cond = e.to(self.device, self.dtype)[:, None, :]  # [B, 1, E]
-        context = torch.cat([torch.zeros_like(cond), cond]) if guided else cond
-        scheduler = pipe.scheduler
-        scheduler.set_timesteps(self.steps, device=self.device)
-        latents = self.initial_latents(seeds).to(self.device, self.dtype) * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
-            x = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
-            eps = pipe.unet(x, t, encoder_hidden_states=context).sample
-            if guided:
-                uncond, conditional = eps.chunk(2)
-                eps = uncond + self.guidance * (conditional - uncond)
-            latents = scheduler.step(eps, t, latents).prev_sample
-        images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample  # [B, 3, H, W] in [-1, 1]
-        images = (images.float() / 2 + 0.5).clamp(0, 1)
-        return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return guided_denoise(self.pipe, self.steps, self.guidance, cond, torch.zeros_like(cond),
+                              self.initial_latents(seeds).to(self.device, self.dtype))
+
+
+def guided_denoise(pipe, steps: int, guidance: float, cond: torch.Tensor, uncond: torch.Tensor,
+                   noise: torch.Tensor) -> np.ndarray:
+    """uint8 ``[B, H, W, 3]``: the diffusers pipeline's denoising loop from unit noise ``[B, C, h, w]``
+    with classifier-free guidance ``w`` (w <= 1: none, as the pipelines) between the conditions
+    ``cond`` and ``uncond`` (``[B, L, E]``, the UNet's ``encoder_hidden_states``), then the VAE decode.
+    Shared by the image-variation and text-to-image samplers."""
+    guided, scheduler = guidance > 1.0, pipe.scheduler
+    context = torch.cat([uncond, cond]) if guided else cond
+    scheduler.set_timesteps(steps, device=noise.device)
+    latents = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+        eps = pipe.unet(x, t, encoder_hidden_states=context).sample
+        if guided:
+            unconditional, conditional = eps.chunk(2)
+            eps = unconditional + guidance * (conditional - unconditional)
+        latents = scheduler.step(eps, t, latents).prev_sample
+    images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample  # [B, 3, H, W] in [-1, 1]
+    images = (images.float() / 2 + 0.5).clamp(0, 1)
+    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -10,7 +10,7 @@ Guarantees:
 
 * **Disjoint writers.** Shard s (S consecutive sources) is written by rank ``s % world_size`` only;
   chunks never straddle shards, so no two ranks write the same file.
-* **Resumable.** A source is marked done only after its chunks are durable; a rerun skips done
+* **Resumable.** A source is marked done only after its data is durable; a rerun skips done
   sources. Every random choice depends only on (base seed, source, view): image seeds via
   :func:`~genssl.generators.samplers.view_seed`, partners/α via :func:`interp_assignment`.
 * **Byte-identical reruns.** Sources are processed in fixed groups (``batch_size // (K+J)`` sources,
@@ -81,7 +81,8 @@ def run_generation(store_path: str | os.PathLike, n_sources: int, embeddings, sa
                    base_seed: int = 0, noise_levels=None, batch_size: int = 16,
                    alphas: Sequence[float] = DEFAULT_ALPHAS, generator_hash: str | None = None,
                    sampler_settings: dict | None = None, image_size: tuple[int, int] | None = None,
-                   shard_size: int = 64, extra_attrs: dict | None = None, progress: bool = True,
+                   shard_size: int = 1024, extra_attrs: dict | None = None, progress: bool = True,
+                   view_format: str = "jpeg", view_quality: int = 95,
                    durable: bool = True, on_group_done: Callable[[list[int]], None] | None = None) -> dict:
     """Generate this rank's part of the view store at ``store_path`` (creating the store if needed).
 
@@ -96,6 +97,8 @@ def run_generation(store_path: str | os.PathLike, n_sources: int, embeddings, sa
             ``settings`` and ``image_size`` when it has them.
         batch_size: images per sampler call (fixed groups of ``max(1, batch_size // (K+J))`` sources).
         on_group_done: called with the source indices written after each group (tests, monitoring).
+        shard_size, view_format, view_quality: the store's layout (`genssl.data.viewstore.create_view_store`);
+            a group's sources are made durable together (`ViewStore.write_sources`: one commit per group).
 
     Returns ``{"rank", "world_size", "written", "skipped", "views", "seconds", "views_per_s"}``.
     """
@@ -120,7 +123,8 @@ def run_generation(store_path: str | os.PathLike, n_sources: int, embeddings, sa
     attrs = {"fingerprint": fingerprint, "generator_hash": generator_hash, "sampler": sampler_settings,
              "created_with": created_with, **(extra_attrs or {})}
     H, W = image_size
-    store = create_view_store(store_path, N, K, J, H, W, attrs, shard_size=shard_size)
+    store = create_view_store(store_path, N, K, J, H, W, attrs, shard_size=shard_size, view_format=view_format,
+                              view_quality=view_quality)
     store.set_writer(rank, world_size)
 
     get_e = _fetcher(embeddings, "embeddings", N)
@@ -183,18 +187,16 @@ def run_generation(store_path: str | os.PathLike, n_sources: int, embeddings, sa
                 if images.shape != (len(seeds), H, W, 3) or images.dtype != np.uint8:
                     raise ValueError(f"sampler returned {images.dtype} {images.shape}, expected uint8 "
                                      f"{(len(seeds), H, W, 3)}")
-                for n, i in enumerate(idx):
-                    if done[i]:
-                        continue
-                    block = images[n * per_source:(n + 1) * per_source]
-                    partners, als = inter[n]
-                    store.write_source(int(i), block[:K], levels[n:n + 1].repeat(K), block[K:],
-                                       partners, als, durable=durable)
-                    done[i] = True
-                    written.append(int(i))
-                    n_views += per_source
-                    if bar is not None:
-                        bar.update(per_source)
+                rows = [n for n, i in enumerate(idx) if not done[i]]
+                blocks = images.reshape(len(idx), per_source, H, W, 3)[rows]  # [n, K+J, H, W, 3]
+                store.write_sources(todo, blocks[:, :K], levels[rows, None].repeat(K, 1), blocks[:, K:],
+                                    np.stack([inter[n][0] for n in rows]), np.stack([inter[n][1] for n in rows]),
+                                    durable=durable)  # staged and fsynced together, then marked done
+                done[todo] = True
+                written += todo
+                n_views += per_source * len(todo)
+                if bar is not None:
+                    bar.update(per_source * len(todo))
                 if on_group_done is not None:
                     on_group_done(todo)
     finally:
@@ -262,7 +264,7 @@ def contact_sheet(store_path: str | os.PathLike, out_png: str | os.PathLike, n: 
     cols = K + J
     sheet = np.full((len(pick) * (H + pad) + pad, cols * (W + pad) + pad, 3), 255, np.uint8)
     for r, i in enumerate(pick):
-        tiles = list(store.views(int(i))) + list(store.interp(int(i))[0])
+        tiles = list(store.views(int(i)) if K else []) + list(store.interp(int(i))[0] if J else [])  # K or J may be 0
         for c, tile in enumerate(tiles):
             y, x = pad + r * (H + pad), pad + c * (W + pad)
             sheet[y:y + H, x:x + W] = tile

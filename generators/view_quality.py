@@ -20,6 +20,9 @@ very conditions the E-LDM saw). Reported:
   the mean cosine of the view's embedding to parent 1 (the source) and to parent 2 (the partner), next
   to the same cosines of the slerp condition itself (what a perfect generator would reach).
   ``follows_alpha`` says whether ``cos(parent 1) − cos(parent 2)`` grows with α, as it should.
+* ``noise_levels``: how many generated views of the whole store (every finished source, not only the
+  sample) got each GenView noise level (``generators/foreground.noise_level_histogram``; with adaptive
+  noise, the spread of the data set's foreground proportions over the 5 bins, docs/METHODS.md §2.2).
 * ``baseline``: the mean cosine between random pairs of real images (and random pairs of one class),
   the scale against which the numbers above are read.
 
@@ -46,13 +49,14 @@ import torch.nn.functional as F
 from genssl.data.index import DatasetIndex
 from genssl.data.viewstore import ViewStore, open_view_store
 from genssl.generators.conditioning import slerp
+from genssl.generators.foreground import noise_level_histogram
 from genssl.generators.training import EncoderInput, cached_embeddings, file_sha256
 
-__all__ = ["REPORT_SUFFIX", "report_path", "sample_sources", "embed_images", "knn_predict", "baseline_cosines",
+__all__ = ["REPORT_SUFFIX", "report_path", "store_noise_levels", "sample_sources", "embed_images", "knn_predict", "baseline_cosines",
            "view_quality", "format_report", "store_quality_report"]
 
 REPORT_SUFFIX = ".quality.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the noise-level histogram
 KNN_K, KNN_TEMPERATURE = 20, 0.07  # the project's k-NN evaluation (engine/knn.py, DINO's protocol)
 BASELINE_PAIRS = 4096
 QUANTILES = {"q05": 0.05, "q25": 0.25, "median": 0.5, "q75": 0.75, "q95": 0.95}
@@ -62,6 +66,12 @@ def report_path(store_path: str | os.PathLike) -> Path:
     """``runs/views.zarr`` → ``runs/views.zarr.quality.json``."""
     store_path = Path(store_path)
     return store_path.with_name(store_path.name + REPORT_SUFFIX)
+
+
+def store_noise_levels(store: ViewStore) -> np.ndarray:
+    """The noise level of every generated view of the finished sources, int64 ``[n_done·K]``."""
+    levels = store.noise_level_array().astype(np.int64)
+    return levels[store.done_mask()].reshape(-1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -221,7 +231,7 @@ def view_quality(store: ViewStore, labels: np.ndarray, embeddings, backbone: tor
         e_view = embed_images(views.reshape(-1, *views.shape[2:]), backbone, spec, device, batch_size, num_threads)
         parent = np.repeat(src, K)
         cos = (e_view * e_src.repeat_interleave(K, 0)).sum(1)
-        report["views"] = {"cosine_to_source": _summary(cos)}
+        report["views"] = {"cosine_to_source": _summary(cos), "noise_levels": noise_level_histogram(store_noise_levels(store))}
         if len(np.unique(levels)) > 1 or levels[0] != 0:
             report["views"]["by_noise_level"] = {str(int(lv)): _summary(cos[torch.from_numpy(levels == lv).to(device)])
                                                  for lv in np.unique(levels)}
@@ -274,6 +284,9 @@ def format_report(report: dict) -> str:
         c = views["cosine_to_source"]
         lines.append(f"  generated views: cos to source {c['mean']:.3f} ± {c['std']:.3f} "
                      f"(q05 {c['q05']:.3f}, median {c['median']:.3f}, q95 {c['q95']:.3f})")
+        hist = views.get("noise_levels") or {}
+        lines.append(f"  noise levels of all {sum(hist.values())} generated views: "
+                     + ", ".join(f"{level}: {n}" for level, n in sorted(hist.items(), key=lambda kv: int(kv[0]))))
         for level, c in views.get("by_noise_level", {}).items():
             lines.append(f"    noise level {level}: cos to source {c['mean']:.3f} ({c['n']} views)")
         if knn:

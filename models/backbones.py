@@ -18,6 +18,10 @@ timm's ImageNet stem (7×7 stride-2 conv + max-pool). 1 and 2 replace it by one 
 stride without max-pool: 1 is the CIFAR stem of SimCLR (He et al.'s CIFAR ResNets keep full
 resolution), 2 a cheaper middle ground. On 32² images the ImageNet stem leaves a 1×1 map at the
 last stage, which is why small images want a smaller stride.
+
+ResNets also take `width`: the channels of the first stage (the stages have width, 2·width, 4·width,
+8·width; timm's 64 gives 64–512). Halving it quarters the cost of a step, which is what lets a 2-core
+CPU run enough steps to learn on 32² images (docs/LEARNING.md). The stem keeps timm's 64 channels.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ def build_backbone(
     patch_size: int | None = None,
     drop_path_rate: float = 0.0,
     stem_stride: int = 4,
+    width: int = 64,
 ) -> nn.Module:
     """Build a randomly initialised backbone without classifier (see module docstring)."""
     if name not in _TIMM_NAMES:
@@ -69,16 +74,22 @@ def build_backbone(
         raise ValueError(f"stem_stride must be 1, 2 or 4 (4 = the ImageNet stem), got {stem_stride}")
     if is_vit and stem_stride != 4:
         raise ValueError(f"stem_stride only applies to ResNet backbones, not {name!r}; leave it at 4")
+    if width < 8:
+        raise ValueError(f"width (the ResNet's first-stage channels) must be >= 8, got {width}")
+    if is_vit and width != 64:
+        raise ValueError(f"width only applies to ResNet backbones, not {name!r}; leave it at 64")
+    if width != 64:
+        kwargs.update(channels=tuple(width * m for m in (1, 2, 4, 8)))
 
     model = timm.create_model(_TIMM_NAMES[name], **kwargs)
     if stem_stride != 4:
-        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, stride=stem_stride, padding=1, bias=False)
+        model.conv1 = nn.Conv2d(3, model.bn1.num_features, 3, stride=stem_stride, padding=1, bias=False)
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # as timm inits convs
         model.maxpool = nn.Identity()
     model.embed_dim = int(model.num_features)  # timm ResNets only have num_features
     model.build_kwargs = dict(
         name=name, img_size=int(img_size), patch_size=patch_size, drop_path_rate=float(drop_path_rate),
-        stem_stride=int(stem_stride),
+        stem_stride=int(stem_stride), width=int(width),
     )
     return model
 

@@ -149,7 +149,9 @@ class MultiCropWrapper(nn.Module):
     """Backbone + head over a list of crops of possibly different resolutions.
 
     Consecutive crops of equal (H, W) are concatenated and go through the backbone in one call;
-    the head runs once on all features. Output rows are in crop order (crop-major).
+    the head runs once on all features. Output rows are in crop order (crop-major). With
+    ``multicrop=packed`` (models/packed_vit.py `set_multicrop`) a ViT backbone takes every crop in one
+    packed call; the output is the same.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module) -> None:

@@ -7,7 +7,8 @@ SimCLR, MoCo v2/v3, BYOL, SimSiam, Barlow Twins and SwAV all put an MLP *project
     Linear → [BN] → ReLU → ... → Linear → [BN (last_bn)]
 
 `SSLStudent` is what DeepSpeed optimises for those methods: backbone → projector → predictor, run
-over a list of crops with one backbone call per resolution (as DINO's `MultiCropWrapper`).
+over a list of crops with one backbone call per resolution (as DINO's `MultiCropWrapper`), or one
+packed call for all of them when `set_multicrop` made the ViT backbone packed (models/packed_vit.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
+
+from genssl.models.packed_vit import PackedViT
 
 __all__ = ["projection_mlp", "backbone_over_crops", "SSLStudent"]
 
@@ -49,12 +52,15 @@ def backbone_over_crops(backbone: nn.Module, crops: Sequence[Tensor] | Tensor) -
     """Features ``[Σ B_i, embed_dim]`` of a list of crops ``[B_i, 3, H_i, W_i]``, in crop order.
 
     Consecutive crops of equal (H, W) go through the backbone in one call. BatchNorm therefore sees
-    them as one batch, as in DINO's and SwAV's multi-crop code.
+    them as one batch, as in DINO's and SwAV's multi-crop code. A `PackedViT` backbone
+    (``multicrop=packed``) takes all crops in one call instead, with the same result.
     """
     if isinstance(crops, Tensor):
         crops = [crops]
     if len(crops) == 0:
         raise ValueError("got an empty list of crops")
+    if isinstance(backbone, PackedViT):
+        return backbone(list(crops))
     feats = [backbone(torch.cat(list(group))) for _, group in itertools.groupby(crops, key=lambda c: tuple(c.shape[-2:]))]
     return torch.cat(feats)
 

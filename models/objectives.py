@@ -40,9 +40,10 @@ class DINOConfig:
             raise ValueError("dino temperatures must be > 0")
 
 
-def build_dino_student(model: str, img_size: int, patch_size: int, cfg: DINOConfig, stem_stride: int = 4) -> MultiCropWrapper:
+def build_dino_student(model: str, img_size: int, patch_size: int, cfg: DINOConfig, stem_stride: int = 4,
+                       width: int = 64) -> MultiCropWrapper:
     backbone = build_backbone(model, img_size=img_size, patch_size=patch_size if model.startswith("vit") else None,
-                              drop_path_rate=cfg.drop_path_rate, stem_stride=stem_stride)
+                              drop_path_rate=cfg.drop_path_rate, stem_stride=stem_stride, width=width)
     head = DINOHead(backbone.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, norm_last_layer=cfg.norm_last_layer)
     return MultiCropWrapper(backbone, head)
 

@@ -155,7 +155,7 @@ def _log(dist: DistInfo, msg: str) -> None:
 def _check_run_inputs(out: Path, inputs: dict, dist: DistInfo) -> None:
     """Checkpoints in ``out`` are tied to the data, encoder and autoencoder they were trained with."""
     path = out / "run_inputs.json"
-    if path.is_file() and (out / "checkpoints" / "latest").is_file():
+    if path.is_file() and any((out / "checkpoints").glob("step*/COMPLETE")):
         old = json.loads(path.read_text())
         diff = {k: (old.get(k), v) for k, v in inputs.items() if old.get(k) != v}
         if diff:

@@ -46,6 +46,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Literal
 
+import numpy as np
 import torch
 
 from genssl.data.viewstore import ViewStoreError, open_view_store
@@ -57,9 +58,12 @@ from genssl.generators.autoencoder import autoencoder_hash, load_pretrained_auto
 from genssl.generators.eldm import load_eldm
 from genssl.generators.job import DEFAULT_ALPHAS, contact_sheet, format_verification, run_generation, verify_store
 from genssl.generators.conditioning import EmbeddingStats
+from genssl.generators.foreground import (MAX_NOISE_LEVEL, NOISE_LEVEL_BINS, adaptive_noise_level,
+                                          dataset_foreground_proportions, load_token_encoder, noise_level_histogram,
+                                          token_encoder_hash)
 from genssl.generators.samplers import GuidedSampler
 from genssl.generators.training import EncoderInput, cached_embeddings
-from genssl.generators.view_quality import format_report, store_quality_report
+from genssl.generators.view_quality import format_report, store_noise_levels, store_quality_report
 from genssl.recipes.eldm import GENERATOR_FILE, resolve_eldm_dir
 
 
@@ -79,11 +83,19 @@ class GenerateConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # UNet step dtype; auto = bf16 on CUDA, fp32 on CPU
     batch_size: int = 16  # images per sampler call (per rank)
     seed: int = 0  # base seed: every view's noise, partner and α derive from (seed, source, view)
-    noise_level: int = 0  # GenView noise level on the condition of the K views (0 = none)
+    noise: Literal["fixed", "adaptive"] = "fixed"  # GenView noise on the K views' condition (docs/METHODS.md §2.2)
+    noise_level: int = 0  # noise=fixed: the level of every view (0 = none)
+    foreground_encoder: str = ""  # noise=adaptive: the frozen encoder; "" = the E-LDM's own stage-1 encoder
+    foreground_size: int = 0  # noise=adaptive: the side images are encoded at; 0 = the encoder's own
+    foreground_sample: int = 10_000  # noise=adaptive: images of the PCA fit (the paper: 10,000)
+    foreground_fraction: float = 0.4  # noise=adaptive: share of the sample's tokens counted foreground (paper App. A)
     alphas: tuple[float, ...] = DEFAULT_ALPHAS  # interpolation weights on the source itself
-    shard_size: int = 64  # sources per shard (the unit one rank owns)
+    shard_size: int = 1024  # sources per shard: one file per array, the unit one rank owns
+    view_format: Literal["jpeg", "png", "webp"] = "jpeg"  # how views are stored (png, webp: lossless)
+    view_quality: int = 95  # JPEG quality of the stored views (view_format=jpeg)
     contact_sheet: str = ""  # PNG path: a grid of random finished sources at the end
     contact_n: int = 16
+    tensorboard: bool = True  # the contact sheet also as a TensorBoard image in the store's parent folder
     encoder: str = ""  # override the encoder path recorded by the E-LDM (its file hash must match)
     autoencoder: str = ""  # override the autoencoder path recorded by the E-LDM (its hash must match)
     cache_dir: str = ""  # default $GENSSL_CACHE or ~/.cache/genssl
@@ -101,8 +113,19 @@ class GenerateConfig:
             raise ConfigError("steps, batch_size, shard_size, contact_n and report_sources must be >= 1")
         if not all(0.0 < a < 1.0 for a in self.alphas):
             raise ConfigError(f"alphas must lie in (0, 1), got {self.alphas}")
+        if not 1 <= self.view_quality <= 100:
+            raise ConfigError(f"view_quality is a JPEG quality in 1..100, got {self.view_quality}")
         if self.noise_level < 0:
             raise ConfigError(f"noise_level must be >= 0, got {self.noise_level}")
+        if self.noise == "adaptive" and self.noise_level:
+            raise ConfigError(f"noise=adaptive gives each image its own level: drop noise_level={self.noise_level} "
+                              "(or use noise=fixed)")
+        if self.noise == "adaptive" and self.pipeline:
+            raise ConfigError("noise=adaptive noises the E-LDM's condition: it needs eldm=, not pipeline=")
+        if self.foreground_sample < 1 or self.foreground_size < 0 or not 0.0 < self.foreground_fraction < 1.0:
+            raise ConfigError("foreground_sample must be >= 1, foreground_size >= 0 (0: the encoder's own side) and "
+                              f"foreground_fraction in (0, 1), got {self.foreground_sample}, {self.foreground_size}, "
+                              f"{self.foreground_fraction}")
         if self.image_size < 0:
             raise ConfigError(f"image_size must be >= 0 (0: the pipeline's own), got {self.image_size}")
 
@@ -221,6 +244,57 @@ def _pipeline_generator(cfg: GenerateConfig, dist: DistInfo) -> _Generator:
                       report_input)
 
 
+@dataclasses.dataclass
+class _Noise:
+    """The K views' condition noise: ``identity`` joins the store's sampler settings (None: no noise,
+    as stores made before ``noise=`` existed record it), ``levels()`` gives ``run_generation``'s
+    ``noise_levels`` and is called only when some source still needs views (collective)."""
+
+    identity: dict | None
+    levels: Callable[[], object]
+
+
+def _noise(cfg: GenerateConfig, source: _Generator, dist: DistInfo) -> _Noise:
+    if cfg.noise == "fixed":
+        return _Noise({"mode": "fixed", "level": cfg.noise_level} if cfg.noise_level else None,
+                      lambda: cfg.noise_level or None)
+    spec = cfg.foreground_encoder or source.report_encoder  # default: the E-LDM's own stage-1 encoder
+    try:
+        encoder, encoder_hash = load_token_encoder(spec, "cpu", cfg.foreground_size), token_encoder_hash(spec)
+    except (ValueError, FileNotFoundError) as e:
+        raise GenerationError(f"foreground_encoder={spec}: {e}") from None
+    identity = {"mode": "adaptive", "encoder_sha256": encoder_hash, "size": encoder.input_size,
+                "sample": cfg.foreground_sample, "fraction": cfg.foreground_fraction, "bins": NOISE_LEVEL_BINS,
+                "max_level": MAX_NOISE_LEVEL}
+
+    def levels() -> np.ndarray:  # l_i = adaptive_noise_level(p_i) of every source (docs/METHODS.md §2.1–2.2)
+        try:
+            p = dataset_foreground_proportions(encoder.to(dist.device), encoder_hash, source.index, dist,
+                                               cfg.foreground_sample, cfg.seed, cfg.foreground_fraction,
+                                               cfg.embed_batch_size, cfg.num_workers, cfg.cache_dir,
+                                               log=print if dist.is_main else None)
+        except ValueError as e:
+            raise GenerationError(f"noise=adaptive: {e} (foreground_size= sets the side the encoder sees)") from None
+        encoder.cpu()  # the generator needs the device memory now
+        return adaptive_noise_level(np.asarray(p))
+
+    return _Noise(identity, levels)
+
+
+def _check_noise(store_path: Path, identity: dict | None) -> None:
+    """Refuse an existing store whose views were drawn with other noise settings, before anything is touched."""
+    if not (store_path / "zarr.json").is_file():
+        return
+    try:
+        stored = open_view_store(store_path, "r").sampler_settings.get("noise")
+    except ViewStoreError:
+        return  # the store's own checks below name what is wrong
+    if stored != json.loads(json.dumps(identity)):
+        raise GenerationError(f"view store {store_path} holds views drawn with noise settings {stored or 'none (level 0)'}, "
+                              f"this run asks for {identity or 'none (level 0)'}; rerun with the store's noise=, "
+                              f"noise_level= and foreground_* keys, or use a new out= (or delete the store) for these")
+
+
 def generate(cfg: GenerateConfig, dist: DistInfo) -> dict:
     """Run this rank's part; returns the summed report (on every rank)."""
     if bool(cfg.eldm) == bool(cfg.pipeline):
@@ -229,8 +303,10 @@ def generate(cfg: GenerateConfig, dist: DistInfo) -> dict:
     source = _pipeline_generator(cfg, dist) if cfg.pipeline else _eldm_generator(cfg, dist)
     index, sampler = source.index, source.sampler
     generator_hash = sampler.generator_hash()
+    noise = _noise(cfg, source, dist)
 
     store_path = Path(cfg.out)
+    _check_noise(store_path, noise.identity)
     verified = _verify(cfg, dist, store_path, index.fingerprint, generator_hash) if cfg.verify else None
     complete = False
     if dist.is_main and (store_path / "zarr.json").is_file():
@@ -248,16 +324,19 @@ def generate(cfg: GenerateConfig, dist: DistInfo) -> dict:
         def embeddings(idx):
             raise AssertionError("the store is complete: no embedding is needed")
 
-        attrs = {}  # a complete store keeps the attributes it was created with
+        attrs, levels = {}, None  # a complete store keeps the attributes it was created with
     else:
         embeddings, attrs = source.embeddings()
+        levels = noise.levels()
+    settings = dict(getattr(sampler, "settings", {}))
     try:
         report = run_generation(
             store_path, len(index), embeddings, sampler, fingerprint=index.fingerprint, rank=dist.rank,
             world_size=dist.world_size, K=cfg.views_per_image, J=cfg.interp_per_image, base_seed=cfg.seed,
-            noise_levels=cfg.noise_level or None, batch_size=cfg.batch_size, alphas=cfg.alphas,
-            generator_hash=generator_hash, shard_size=cfg.shard_size, progress=cfg.progress and dist.is_main,
-            extra_attrs=attrs)
+            noise_levels=levels, batch_size=cfg.batch_size, alphas=cfg.alphas, generator_hash=generator_hash,
+            sampler_settings={**settings, "noise": noise.identity} if noise.identity else settings,
+            shard_size=cfg.shard_size, progress=cfg.progress and dist.is_main, extra_attrs=attrs,
+            view_format=cfg.view_format, view_quality=cfg.view_quality)
     except ViewStoreError as e:
         raise GenerationError(str(e)) from None
 
@@ -278,9 +357,13 @@ def generate(cfg: GenerateConfig, dist: DistInfo) -> dict:
             print(f"{store_path}: wrote {total['written']} source(s) / {total['views']} view(s) in "
                   f"{total['seconds']:.1f} s ({total['views_per_s']:.2f} views/s over {dist.world_size} rank(s)); "
                   f"{len(index) - missing}/{len(index)} sources done", flush=True)
+        if noise.identity:
+            print(f"noise levels of the views: {noise_level_histogram(store_noise_levels(store))}", flush=True)
         if cfg.contact_sheet:
-            path = contact_sheet(store_path, cfg.contact_sheet, n=cfg.contact_n, seed=cfg.seed)
-            print(f"contact sheet: {path}", flush=True)
+            board = store_path.resolve().parent if cfg.tensorboard else None
+            path = contact_sheet(store_path, cfg.contact_sheet, n=cfg.contact_n, seed=cfg.seed, tensorboard_dir=board)
+            print(f"contact sheet: {path}" + (f" (and TensorBoard image views/contact_sheet in {board})" if board else ""),
+                  flush=True)
     if cfg.report:  # every rank: the embedding cache is collective; rank 0 computes the report
         try:
             total["quality"] = store_quality_report(

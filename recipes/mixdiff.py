@@ -35,8 +35,8 @@ from genssl.engine.atomic import write_json_atomic
 from genssl.engine.cli import run_main
 from genssl.engine.config import ConfigError, parse_config, to_dict
 from genssl.engine.distributed import cleanup, setup_distributed
-from genssl.engine.pipeline import (print_table, real_synthetic_loader, run_stage, stage_eldm, stage_views,
-                                    sub_config, supplied_encoder)
+from genssl.engine.pipeline import (pipeline_presets, print_table, real_synthetic_loader, run_stage, stage_eldm,
+                                    stage_views, sub_config, supplied_encoder)
 from genssl.engine.setup import load_data, train_loader
 from genssl.generators.view_quality import report_path
 from genssl.models.objectives import DINOConfig
@@ -103,12 +103,7 @@ def presets_for(method: str) -> dict[str, dict]:
     """The method's presets (recipes/dino.py, recipes/ssl_methods.py) with the E-LDM and generation sections;
     one synthetic view per image and no interpolated views (MixDiff uses none)."""
     base = dino_recipe.PRESETS if method == "dino" else ssl_recipe.presets_for(method)
-    out = {}
-    for name, preset in base.items():
-        scale = "imagenet" if name == "imagenet" else "smoke"  # the generators' presets: CPU-sized or ImageNet
-        generation = {**generation_recipe.PRESETS[scale], "views_per_image": 1, "interp_per_image": 0}
-        out[name] = {**preset, "generator": eldm_recipe.PRESETS[scale], "generation": generation}
-    return out
+    return pipeline_presets(base, views_per_image=1, interp_per_image=0)
 
 
 def method_config(cfg: MixDiffConfig, out: Path):

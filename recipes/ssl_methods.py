@@ -34,6 +34,8 @@ from genssl.engine.setup import load_data, train_loader
 from genssl.engine.trainer import compute_dtype
 from genssl.models import barlow, byol, mocov2, mocov3, simclr, simsiam, swav
 from genssl.models.backbones import build_backbone
+from genssl.models.packed_vit import set_multicrop
+from genssl.models.qdc import set_quality_scorer
 
 # method -> (its student builder, its objective class): docs/METHODS.md §5
 METHODS = {
@@ -69,9 +71,9 @@ def initial_student(cfg: SSLRecipeConfig):
     torch.manual_seed(cfg.seed)
     backbone = build_backbone(cfg.model, img_size=cfg.crops.global_size,
                               patch_size=cfg.patch_size if cfg.model.startswith("vit") else None,
-                              stem_stride=cfg.stem_stride)
+                              stem_stride=cfg.stem_stride, width=cfg.width)
     build_student, _ = METHODS[cfg.method]
-    return build_student(backbone, getattr(cfg, cfg.method))
+    return set_multicrop(build_student(backbone, getattr(cfg, cfg.method)), cfg.multicrop, cfg.attention)
 
 
 def method_objective(cfg: SSLRecipeConfig, student):
@@ -86,7 +88,8 @@ def method_objective(cfg: SSLRecipeConfig, student):
 # (recipes/dino.py, docs/LEARNING.md), two 32 px views, AdamW.
 _SMOKE = {
     "data": "builtin:shapes?size=32&per_class=100&val_per_class=50",
-    "model": "resnet18", "stem_stride": 2, "epochs": 6, "batch_size": 32, "precision": "fp32", "num_workers": 2,
+    "model": "resnet18", "stem_stride": 2, "width": 32, "epochs": 6, "batch_size": 32, "precision": "fp32",
+    "num_workers": 2,
     "crops": {"global_size": 32, "local_size": 16, "n_local": 0, "global_scale": [0.2, 1.0]},
     "optim": {"lr": 2e-3, "warmup_epochs": 1, "weight_decay": 1e-4, "weight_decay_end": 1e-4,
               "freeze_last_layer_epochs": 0},
@@ -154,8 +157,8 @@ _IMAGENET = {
 
 def presets_for(method: str) -> dict[str, dict]:
     # cpu: the smoke settings for 10,000 32x32 photos on 2 CPU cores, as recipes/dino.py's (bench/learning.py)
-    cpu = {**smoke_preset(method), "data": "builtin:shapes?size=32", "epochs": 8, "ckpt": {"every_steps": 500},
-           "log": {"every_steps": 10}}
+    cpu = {**smoke_preset(method), "data": "builtin:shapes?size=32", "epochs": 20,
+           "ckpt": {"every_steps": 500}, "log": {"every_steps": 10}}
     return {"smoke": smoke_preset(method), "cpu": cpu, "imagenet": _IMAGENET[method]}
 
 
@@ -176,10 +179,12 @@ def method_of(argv: list[str], default: str = SSLRecipeConfig.method, choices=tu
 
 
 def train_ssl(cfg: SSLRecipeConfig, dist, data, loader, deepspeed_config: str | None = None,
-              random_init: dict | None = None) -> dict:
-    """Pretrain ``cfg.method`` on ``loader``, export and evaluate the student's backbone (every rank)."""
+              random_init: dict | None = None, quality_scorer=None) -> dict:
+    """Pretrain ``cfg.method`` on ``loader``, export and evaluate the student's backbone (every rank);
+    ``quality_scorer`` weights the pairs (GenView's QDC, models/qdc.py; None: unweighted)."""
     student = initial_student(cfg)
     objective = method_objective(cfg, student)
+    set_quality_scorer(objective, quality_scorer)
     fixed_lr = objective.fixed_lr_parameters(student) if hasattr(objective, "fixed_lr_parameters") else []
     return pretrain.pretrain(cfg, dist, data, loader, student, objective, pretrain.student_backbone, deepspeed_config,
                              random_init, late_params=objective.late_parameters(student), fixed_lr_params=fixed_lr)

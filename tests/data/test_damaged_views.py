@@ -19,6 +19,7 @@ import torch
 from genssl.data.augment import MultiCropSpec
 from genssl.data.dali_loader import INTERP_DAMAGED, VIEW_DAMAGED
 from genssl.data.gensis_loader import GenSISLoader
+from genssl.data import viewstore as vs
 from genssl.data.viewstore import ViewStoreCorruptError, ViewStoreReader, open_view_store
 from genssl.generators.job import format_verification, run_generation, verify_store
 from genssl.tests.data.test_gensis_loader import (PARTNERS, PLAIN, _equal, _same_colour, interp_rgb, real_rgb, synthetic_rgb,
@@ -34,6 +35,25 @@ def _flip(path: Path, at: int = 40) -> None:
     path.write_bytes(bytes(data))
 
 
+def _flip_source(store, name: str, i: int) -> None:
+    """Flip bytes inside source i's own inner chunk of its shard file (its neighbours stay whole)."""
+    f, off, length = store.chunk_location(name, i)
+    _flip(f, off + length // 2)
+
+
+def _drop_source(store, name: str, i: int) -> None:
+    """Delete source i's inner chunk from its shard: its index entry says "no data", with a valid crc32c
+    (the shard counterpart of deleting a chunk file)."""
+    f, _, _ = store.chunk_location(name, i)
+    data = bytearray(f.read_bytes())
+    n_inner = store.shard_size // store.sources_per_chunk
+    start = len(data) - (16 * n_inner + 4)
+    entry = start + 16 * store._inner(i)
+    data[entry:entry + 16] = b"\xff" * 16
+    data[-4:] = vs._crc(bytes(data[start:-4]))
+    f.write_bytes(bytes(data))
+
+
 @pytest.fixture()
 def damaged(world, tmp_path):
     """(index, a copy of the store with source 5's views chunk bit-flipped and source 9's interp chunk deleted)."""
@@ -41,8 +61,8 @@ def damaged(world, tmp_path):
     copy = tmp_path / "views.zarr"
     shutil.copytree(store, copy)
     st = open_view_store(copy)
-    _flip(st._chunk_file("views", VIEW_SOURCE))
-    st._chunk_file("interp", INTERP_SOURCE).unlink()
+    _flip_source(st, "views", VIEW_SOURCE)
+    _drop_source(st, "interp", INTERP_SOURCE)
     return index, copy
 
 
@@ -194,29 +214,31 @@ def test_verify_finds_every_kind_of_damage_and_regeneration_restores_the_store(g
     store = tmp_path / "views.zarr"
     shutil.copytree(generated, store)
     st = open_view_store(store)
-    _flip(st._chunk_file("views", 1))                                # crc32c
-    st._chunk_file("interp", 2).unlink()                             # done source without its chunk
+    _flip_source(st, "views", 1)                                     # crc32c of one inner chunk
+    _drop_source(st, "interp", 2)                                    # done source without its chunk
     f = st._chunk_file("views", 10)
-    f.write_bytes(f.read_bytes()[:100])                              # truncated
+    f.write_bytes(f.read_bytes()[:100])                              # truncated: the whole shard 8..11
     _flip(st._chunk_file("interp_alpha", 4), at=0)                   # per-shard chunk: sources 4..7
     before = _files(store)
 
     looked = verify_store(store, repair=False)
     assert _files(store) == before  # repair off: nothing touched
     found = {(d["array"], tuple(d["sources"])) for d in looked["damaged"]}
-    assert found == {("views", (1, 2)), ("interp", (2, 3)), ("views", (10, 11)), ("interp_alpha", (4, 8))}
+    assert found == {("views", (1, 2)), ("interp", (2, 3)), ("views", (8, 12)), ("interp_alpha", (4, 8))}
     reasons = {d["array"] + str(d["sources"][0]): d["reason"] for d in looked["damaged"]}
-    assert "crc32c" in reasons["views1"] and "missing" in reasons["interp2"] and "size" in reasons["views10"]
+    assert "crc32c" in reasons["views1"] and "missing" in reasons["interp2"] and "truncated" in reasons["views8"] and "shard index" in reasons["views8"]
 
     # Two ranks: each checks and repairs its own shards (shard s belongs to rank s % 2).
     reports = [verify_store(store, rank, 2, fingerprint="fp", generator_hash="test-sampler") for rank in range(2)]
-    assert sorted(i for r in reports for i in r["invalidated"]) == [1, 2, 4, 5, 6, 7, 10]
-    assert sorted(open_view_store(store).missing()) == [1, 2, 4, 5, 6, 7, 10]
+    lost = [1, 2, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert sorted(i for r in reports for i in r["invalidated"]) == lost
+    assert sorted(open_view_store(store).missing()) == lost
+    assert not f.exists() and st._chunk_file("views", 1).exists()  # unreadable shard deleted; one bad chunk kept
     summary = format_verification(store, reports)
-    assert "4 damaged chunk(s)" in summary and "source 10" in summary and "sources 4..7" in summary
+    assert "4 damaged chunk(s)" in summary and "source 1:" in summary and "sources 8..11" in summary
 
     report = _generate(store)
-    assert sorted(report["written"]) == [1, 2, 4, 5, 6, 7, 10]
+    assert sorted(report["written"]) == lost
     assert _files(store) == _files(generated)  # byte for byte the undamaged store
     assert verify_store(store)["damaged"] == []
 
@@ -241,10 +263,13 @@ def test_reads_detect_a_missing_chunk_instead_of_returning_zeros(generated, tmp_
     store = tmp_path / "views.zarr"
     shutil.copytree(generated, store)
     st = open_view_store(store)
-    st._chunk_file("views", 3).unlink()
+    _drop_source(st, "views", 3)
     assert st.views(2).any()
     with pytest.raises(ViewStoreCorruptError, match=r"'views'.*source 3.*missing.*verify=true"):
         ViewStoreReader(store).views(3)
+    st._chunk_file("views", 3).unlink()                               # the whole shard file
+    with pytest.raises(ViewStoreCorruptError, match=r"'views'.*source 2.*missing.*verify=true"):
+        ViewStoreReader(store).views(2)
 
 
 @pytest.mark.gpu

@@ -3,7 +3,8 @@
 Real image i is a flat colour (10 + 20 i, 0, 0); its synthetic view k is (10 + 20 i, 100 + 40 k, 0)
 and its interpolated view j is (10 + 20 i, 0, 100 + 40 j), at another size (24 x 40) than the real
 images (32 x 32). With colour jitter, grayscale, blur and solarize off, any crop of a flat image is
-that flat colour, so a crop's colour names the image it was cut from.
+that flat colour, so a crop's colour names the image it was cut from. The shared store holds lossless
+PNG views (exact colours); a JPEG store (the default format) is checked to within JPEG's rounding.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ def interp_rgb(i, j):
     return (10 + 20 * i, 0, 100 + 40 * j)
 
 
-def _write_store(path: Path, fingerprint: str, skip: tuple[int, ...] = ()) -> Path:
-    st = create_view_store(path, N, K, J, VH, VW, {"fingerprint": fingerprint, "generator_hash": "test"}, shard_size=4)
+def _write_store(path: Path, fingerprint: str, skip: tuple[int, ...] = (), view_format: str = "png") -> Path:
+    st = create_view_store(path, N, K, J, VH, VW, {"fingerprint": fingerprint, "generator_hash": "test"}, shard_size=4,
+                           view_format=view_format)
     for i in range(N):
         if i in skip:
             continue
@@ -75,8 +77,8 @@ def _colours(x: torch.Tensor, spec: MultiCropSpec = PLAIN) -> np.ndarray:
     return rgb
 
 
-def _same_colour(x: torch.Tensor, expected) -> None:
-    np.testing.assert_allclose(_colours(x), np.asarray(expected, dtype=np.float64), atol=0.6)
+def _same_colour(x: torch.Tensor, expected, atol: float = 0.6) -> None:
+    np.testing.assert_allclose(_colours(x), np.asarray(expected, dtype=np.float64), atol=atol)
 
 
 def _loader(world, **kw) -> GenSISLoader:
@@ -206,9 +208,32 @@ def test_interpolation_off_reads_no_interpolated_views(world, monkeypatch):
         raise AssertionError("interp read with interpolation=False")
 
     monkeypatch.setattr(ViewStoreReader, "interp", boom)
+    monkeypatch.setattr(ViewStoreReader, "encoded_interp", boom)
     for b in _loader(world, interpolation=False):
         assert b.interp is None and b.partner is None and b.alpha is None and b.partner_indices is None
         assert len(b.crops) == PLAIN.n_crops
+
+
+def test_jpeg_views_are_decoded_by_dali_like_real_images(world, tmp_path, monkeypatch):
+    """The default store format: DALI gets the JPEG bytes (no host decode) and its crops carry the
+    views' colours to within JPEG's rounding of a flat colour."""
+    index, _ = world
+    store = _write_store(tmp_path / "jpeg.zarr", index.fingerprint, view_format="jpeg")
+    assert ViewStoreReader(store).encoded_views(0)[0][:2] == b"\xff\xd8"
+
+    def no_host_decode(self, i):
+        raise AssertionError("the loader decoded a view on the host")
+
+    monkeypatch.setattr(ViewStoreReader, "views", no_host_decode)
+    monkeypatch.setattr(ViewStoreReader, "interp", no_host_decode)
+    loader = _loader((index, store), p_gen=1.0)
+    ks, js = loader.view_choice()
+    for b in loader:
+        idx = b.indices.numpy()
+        assert b.from_gen.all()
+        _same_colour(b.crops[0], [real_rgb(i) for i in idx])
+        _same_colour(b.crops[1], [synthetic_rgb(i, ks[i]) for i in idx], atol=2.5)
+        _same_colour(b.interp, [interp_rgb(i, js[i]) for i in idx], atol=2.5)
 
 
 def test_store_problems_are_clear_errors(world, tmp_path):
@@ -229,6 +254,11 @@ def test_store_problems_are_clear_errors(world, tmp_path):
         _loader(world, spec=dataclasses.replace(PLAIN, n_global=1))
     with pytest.raises(ValueError, match="p_gen"):
         _loader(world, p_gen=1.5)
+    old = tmp_path / "old.zarr"  # a schema-1 store: the message says how to convert it
+    old.mkdir()
+    (old / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {"schema_version": 1}}')
+    with pytest.raises(ValueError, match=r"schema 1.*python -m genssl.data.convert_views"):
+        _loader((index, old))
 
 
 @pytest.mark.gpu

@@ -64,15 +64,15 @@ def test_converted_values(tmp_path):
 def test_cache_reused_without_decoding(corpus, tmp_path, monkeypatch):
     root, _ = corpus
     first = build_index(root, cache_dir=tmp_path / "c")
-    index_json = index_cache_dir(root, tmp_path / "c") / "index.json"
-    stamp = index_json.stat().st_mtime_ns
+    current = index_cache_dir(root, tmp_path / "c") / "CURRENT"
+    stamp = current.read_text(), current.stat().st_mtime_ns
 
     def no_decode(*_):
         raise AssertionError("an unchanged file was decoded again")
 
     monkeypatch.setattr(index_mod, "_inspect_strict", no_decode)
     second = build_index(root, cache_dir=tmp_path / "c")
-    assert index_json.stat().st_mtime_ns == stamp
+    assert (current.read_text(), current.stat().st_mtime_ns) == stamp  # no new generation written
     assert second.paths == first.paths and second.fingerprint == first.fingerprint
     assert second.quarantine == first.quarantine
     np.testing.assert_array_equal(second.sizes, first.sizes)
@@ -115,7 +115,7 @@ def test_flat_folder_unlabelled(tmp_path, make_image):
     (root / "nested" / "y.png").write_bytes(make_image(1, "PNG"))
     ix = build_index(root, cache_dir=tmp_path / "c")
     assert ix.source_paths == ["nested/y.png", "x.jpg"] and ix.classes == []
-    assert ix.labels.dtype == np.int64 and list(ix.labels) == [-1, -1]
+    assert ix.labels.dtype == np.int32 and list(ix.labels) == [-1, -1]
 
 
 def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:

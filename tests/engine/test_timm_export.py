@@ -45,6 +45,7 @@ def _timm_model(run: Path) -> torch.nn.Module:
 @pytest.mark.parametrize("arch, sizes", [
     (dict(name="vit_tiny", img_size=32, patch_size=4), (32, 48)),
     (dict(name="resnet18", img_size=32, stem_stride=4), (32, 45)),
+    (dict(name="resnet18", img_size=32, stem_stride=4, width=16), (32,)),
 ])
 def test_plain_timm_gives_genssl_features(tmp_path: Path, arch: dict, sizes: tuple[int, ...]) -> None:
     run = _export(tmp_path, **arch)

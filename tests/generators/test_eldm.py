@@ -113,3 +113,47 @@ def test_model_hash_and_save_load(tmp_path):
         ELDMConfig.from_dict({"embed_dim": 8, "bogus": 1})
     with pytest.raises(ValueError, match="norm_num_groups"):
         ELDMConfig(block_out_channels=(30, 64), norm_num_groups=8)
+
+
+# ---------------------------------------------------------------------------------- attention kernel
+
+
+def test_attention_is_sdpa_when_xformers_is_missing(monkeypatch):
+    import sys
+
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    from genssl.models import packed_vit
+
+    monkeypatch.setitem(sys.modules, "xformers", None)  # import xformers fails, installed or not
+    packed_vit.xformers_available.cache_clear()
+    try:
+        m = _model().eval()
+        m.unet.set_attn_processor(AttnProcessor())  # diffusers' pre-SDPA kernel, so the switch is visible
+        x, e = torch.randn(2, 4, 8, 8), torch.randn(2, m.config.embed_dim)
+        with torch.no_grad():
+            before = m(x, torch.tensor([10, 500]), e)
+            assert m.set_attention("auto") == "sdpa"
+            assert {type(p) for p in m.unet.attn_processors.values()} == {AttnProcessor2_0}
+            torch.testing.assert_close(m(x, torch.tensor([10, 500]), e), before, rtol=1e-4, atol=1e-5)
+        assert packed_vit.resolve_attention("auto", "cuda") == "sdpa"  # what a GPU without xformers gets
+        with pytest.raises(ValueError, match="attention=xformers but xformers is not importable"):
+            m.set_attention("xformers")
+    finally:
+        packed_vit.xformers_available.cache_clear()
+
+
+@pytest.mark.gpu
+def test_attention_auto_takes_xformers_on_cuda():
+    import importlib.util
+
+    if importlib.util.find_spec("xformers") is None:
+        pytest.skip("xformers is not installed (pip install --no-deps xformers; see pyproject's xformers extra)")
+    m = _model().cuda().eval()
+    x, e, t = torch.randn(2, 4, 8, 8, device="cuda"), torch.randn(2, m.config.embed_dim, device="cuda"), 10
+    with torch.no_grad():
+        assert m.set_attention("sdpa") == "sdpa"
+        ref = m(x, t, e)
+        assert m.set_attention("auto") == "xformers"
+        assert all("XFormers" in type(p).__name__ for p in m.unet.attn_processors.values())
+        torch.testing.assert_close(m(x, t, e), ref, rtol=1e-3, atol=1e-3)

@@ -185,3 +185,35 @@ def test_load_token_encoder_errors(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="architecture"):
         load_token_encoder(tmp_path)
+
+
+def test_encoder_side_sample_and_hash(tmp_path):
+    """``load_token_encoder(size=)`` resizes (a 32 px ResNet grid of 2×2 becomes 4×4 at 64 px) and sets the
+    side a data set is read at; ``sample_index`` is a seeded subset; ``token_encoder_hash`` follows the weights."""
+    from genssl.data.index import DatasetIndex
+    from genssl.engine.export import save_encoder
+    from genssl.generators.foreground import sample_index, token_encoder_hash
+    from genssl.models.backbones import build_backbone
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    torch.manual_seed(0)
+    save_encoder(build_backbone("resnet18", img_size=32, stem_stride=2), tmp_path / "a", {"eval": {"size": 32}})
+    x = torch.randn(2, 3, 32, 32)
+    assert load_token_encoder(tmp_path / "a")(x).shape == (2, 2, 2, 512)
+    enc = load_token_encoder(tmp_path / "a", size=64)
+    assert enc(x).shape == (2, 4, 4, 512) and enc.input_size == 64
+    assert load_token_encoder(tmp_path / "a").input_size == 32                       # the run's eval size
+    h = token_encoder_hash(tmp_path / "a")
+    assert h == token_encoder_hash(tmp_path / "a" / "encoder.safetensors")
+    torch.manual_seed(1)
+    save_encoder(build_backbone("resnet18", img_size=32, stem_stride=2), tmp_path / "b", {"eval": {"size": 32}})
+    assert token_encoder_hash(tmp_path / "b") != h
+
+    n = 50
+    index = DatasetIndex(root=tmp_path, paths=[f"{i}.png" for i in range(n)], source_paths=[f"{i}.png" for i in range(n)],
+                         sizes=np.full((n, 2), 32), labels=np.arange(n) % 5, classes=list("abcde"), fingerprint="f")
+    sub = sample_index(index, 10, seed=3)
+    rows = [int(p.split(".")[0]) for p in sub.paths]
+    assert len(rows) == 10 and rows == sorted(set(rows)) and (sub.labels == np.array(rows) % 5).all()
+    assert sub.paths == sample_index(index, 10, seed=3).paths != sample_index(index, 10, seed=4).paths
+    assert len(sample_index(index, 500, seed=0)) == n and sub.fingerprint != index.fingerprint

@@ -70,7 +70,7 @@ def make_store(world: dict, name: str, view_of, interp_of=None) -> Path:
     J = 1 if interp_of else 0
     attrs = {"fingerprint": world["index"].fingerprint, "generator_hash": name,
              "encoder": {"path": str(world["encoder"]), "sha256": world["sha"], "input": SPEC.to_dict()}}
-    store = create_view_store(path, N, 1, J, SIDE, SIDE, attrs, shard_size=8)
+    store = create_view_store(path, N, 1, J, SIDE, SIDE, attrs, shard_size=8, view_format="png")
     for i in range(N):
         p, a = partner(i), ALPHAS[i % len(ALPHAS)]
         interp = dict(interp=interp_of(i, p, a)[None], partners=[p], alphas=[a]) if J else {}

@@ -46,7 +46,8 @@ def test_vit_default_patch_is_16() -> None:
 def test_rebuild_from_build_kwargs() -> None:
     model = build_backbone("vit_tiny", img_size=32, patch_size=8, drop_path_rate=0.1)
     cfg = json.loads(json.dumps(backbone_config(model)))  # what encoder.json holds
-    assert cfg == {"name": "vit_tiny", "img_size": 32, "patch_size": 8, "drop_path_rate": 0.1, "stem_stride": 4}
+    assert cfg == {"name": "vit_tiny", "img_size": 32, "patch_size": 8, "drop_path_rate": 0.1, "stem_stride": 4,
+                   "width": 64}
     again = build_backbone(**cfg)
     a, b = model.state_dict(), again.state_dict()
     assert a.keys() == b.keys()
@@ -82,3 +83,15 @@ def test_bad_arguments() -> None:
         build_backbone("vit_tiny", img_size=30, patch_size=8)
     with pytest.raises(ValueError, match="not made by build_backbone"):
         backbone_config(torch.nn.Linear(2, 2))
+
+
+def test_resnet_width_scales_every_stage_and_rebuilds() -> None:
+    model = build_backbone("resnet18", img_size=32, stem_stride=2, width=32).eval()
+    assert model.embed_dim == 256 and [m[0].conv1.out_channels for m in (model.layer1, model.layer2, model.layer3,
+                                                                         model.layer4)] == [32, 64, 128, 256]
+    again = build_backbone(**json.loads(json.dumps(backbone_config(model))))
+    again.load_state_dict(model.state_dict())  # strict: the same architecture
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 256)
+    with pytest.raises(ValueError, match="width only applies to ResNet"):
+        build_backbone("vit_tiny", img_size=32, patch_size=8, width=32)

@@ -20,6 +20,19 @@ pytestmark = pytest.mark.slow
 FLIPPED, DELETED = 50, 61  # sources (72 train images)
 
 
+def _drop_source(st, name: str, i: int) -> None:
+    """Delete source i's inner chunk from its shard file: its index entry says "no data" (valid crc32c)."""
+    from genssl.data.viewstore import _crc
+
+    shard, _, _ = st.chunk_location(name, i)
+    data = bytearray(shard.read_bytes())
+    start = len(data) - (16 * (st.shard_size // st.sources_per_chunk) + 4)
+    entry = start + 16 * st._inner(i)
+    data[entry:entry + 16] = b"\xff" * 16
+    data[-4:] = _crc(bytes(data[start:-4]))
+    shard.write_bytes(bytes(data))
+
+
 def _files(store: Path) -> dict[str, bytes]:
     return {p.relative_to(store).as_posix(): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
 
@@ -33,12 +46,12 @@ def test_damaged_store_trains_through_then_a_rerun_repairs_it(tmp_path: Path) ->
     undamaged = _files(store)
 
     st = open_view_store(store)
-    chunk = st._chunk_file("views", FLIPPED)
-    data = bytearray(chunk.read_bytes())
-    data[100] ^= 0xFF
-    data[101] ^= 0xFF
-    chunk.write_bytes(bytes(data))
-    st._chunk_file("interp", DELETED).unlink()
+    shard, off, length = st.chunk_location("views", FLIPPED)  # the source's inner chunk in its shard file
+    data = bytearray(shard.read_bytes())
+    data[off + length // 2] ^= 0xFF
+    data[off + length // 2 + 1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    _drop_source(st, "interp", DELETED)
 
     # Gen-DINO on the damaged store (supplied as views=, so no stage repairs it first) runs to the end.
     second = tmp_path / "on_damaged"
