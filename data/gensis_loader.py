@@ -494,14 +494,12 @@ class GenSISLoader(EpochLoader):
         return pipe
 
 
-def _open_store(store_path, index: DatasetIndex, expect_fingerprint: str | None, need_views: bool,
-                need_interp: bool) -> ViewStoreReader:
-    """Open the view store and check it fits ``index``; every problem is a ValueError naming the fix."""
-    rerun = ("rerun the generation job (generators.job.run_generation / the Gen-SIS recipe's generation "
-             "stage) for this dataset")
-    fingerprint = index.fingerprint if expect_fingerprint is None else expect_fingerprint
+def open_store_reader(store_path, fingerprint: str, rerun: str) -> ViewStoreReader:
+    """The view store at ``store_path`` for training on data of ``fingerprint`` (damaged views tolerated:
+    the loaders fall back per sample); a missing, old-schema or foreign store is a ValueError naming
+    the fix, ``rerun`` saying how to regenerate it."""
     try:
-        reader = ViewStoreReader(store_path, expect_fingerprint=fingerprint, tolerate_damage=True)
+        return ViewStoreReader(store_path, expect_fingerprint=fingerprint, tolerate_damage=True)
     except FileNotFoundError as e:
         raise ValueError(f"{e}; {rerun}") from e
     except ViewStoreSchemaError as e:  # says how to convert it
@@ -509,6 +507,15 @@ def _open_store(store_path, index: DatasetIndex, expect_fingerprint: str | None,
     except ViewStoreError as e:
         raise ValueError(f"{e}. The views do not belong to the data being trained on: point views= at the store "
                          f"generated for this dataset, or {rerun}") from e
+
+
+def _open_store(store_path, index: DatasetIndex, expect_fingerprint: str | None, need_views: bool,
+                need_interp: bool) -> ViewStoreReader:
+    """Open the view store and check it fits ``index``; every problem is a ValueError naming the fix."""
+    rerun = ("rerun the generation job (generators.job.run_generation / the Gen-SIS recipe's generation "
+             "stage) for this dataset")
+    fingerprint = index.fingerprint if expect_fingerprint is None else expect_fingerprint
+    reader = open_store_reader(store_path, fingerprint, rerun)
     store = reader.store
     if store.n_sources != len(index):
         raise ValueError(f"view store {store_path} holds {store.n_sources} sources but the dataset has {len(index)} "

@@ -54,10 +54,10 @@ from nvidia.dali.pipeline import Pipeline, pipeline_def
 from genssl.data.augment import MultiCropSpec, sample_multicrop_params
 from genssl.data.dali_loader import (SUBSTITUTED, VIEW_DAMAGED, FileReader, ProblemCounts, ProblemReport, _decode,
                                      _Driver, read_ahead)
-from genssl.data.gensis_loader import _PLACEHOLDER, _crop, _decoded_or, _slot_spec
+from genssl.data.gensis_loader import _PLACEHOLDER, _crop, _decoded_or, _slot_spec, open_store_reader
 from genssl.data.index import DatasetIndex
 from genssl.data.sampler import EpochLoader
-from genssl.data.viewstore import REPAIR_HINT, ViewStoreError, ViewStoreReader, ViewStoreSchemaError
+from genssl.data.viewstore import REPAIR_HINT, ViewStoreError, ViewStoreReader
 
 __all__ = ["MODES", "MultiViewBatch", "MultiViewLoader"]
 
@@ -254,15 +254,7 @@ class MultiViewLoader(EpochLoader):
 def _open_store(store_path, index: DatasetIndex | None, fingerprint: str, m: int) -> ViewStoreReader:
     """Open the store and check it fits; every problem is a ValueError naming the fix."""
     rerun = "rerun the generation stage (deepspeed recipes/stablerep.py ... or recipes/generate_views.py) for these data"
-    try:
-        reader = ViewStoreReader(store_path, expect_fingerprint=fingerprint, tolerate_damage=True)
-    except FileNotFoundError as e:
-        raise ValueError(f"{e}; {rerun}") from e
-    except ViewStoreSchemaError as e:  # says how to convert it
-        raise ValueError(str(e)) from e
-    except ViewStoreError as e:
-        raise ValueError(f"{e}. The views do not belong to the data being trained on: point views= at the store "
-                         f"generated for them, or {rerun}") from e
+    reader = open_store_reader(store_path, fingerprint, rerun)
     store = reader.store
     if index is not None and store.n_sources != len(index):
         raise ValueError(f"view store {store_path} holds {store.n_sources} sources but the dataset has {len(index)} "

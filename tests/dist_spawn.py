@@ -22,6 +22,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, module: str, sc
     try:
         result = importlib.import_module(module).SCENARIOS[scenario](rank, world)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        # Tear down together: a rank destroying its gloo group while the other still has traffic in
+        # flight can abort that rank ("terminate called without an active exception", seen once in CI).
+        dist.barrier()
     except Exception:
         (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
