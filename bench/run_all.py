@@ -214,7 +214,7 @@ def _train_sizes(scale: str) -> dict:
         return {"preset": "imagenet", "overrides": [], "every": 5, "steps": 30,
                 "packed": dict(model="vit_small", patch_size=16, global_size=224, local_size=96, n_local=8,
                                batch_size=64, dtype="bf16", head_out_dim=65536)}
-    tiny = ["model=vit_tiny", "patch_size=8", "stem_stride=4", "crops.global_size=32", "crops.local_size=16",
+    tiny = ["model=vit_tiny", "patch_size=8", "stem_stride=4", "width=64", "crops.global_size=32", "crops.local_size=16",
             "crops.n_local=2", "batch_size=8"]
     every, windows = (1, 3) if scale == "quick" else (2, 5)
     return {"preset": "smoke", "overrides": tiny, "every": every, "steps": every * (windows + 1),

@@ -138,6 +138,13 @@ class TrainConfig:
             raise ConfigError(f"epochs and batch_size must be >= 1 (got epochs={self.epochs}, batch_size={self.batch_size})")
         if self.patch_size < 1:
             raise ConfigError(f"patch_size must be >= 1 (got {self.patch_size})")
+        if self.width < 8:
+            raise ConfigError(f"width (a ResNet's first-stage channels) must be >= 8, got {self.width}")
+        resnet_keys = [f"{k}={v}" for k, v, default in (("stem_stride", self.stem_stride, 4), ("width", self.width, 64))
+                       if v != default]
+        if self.model.startswith("vit_") and resnet_keys:
+            raise ConfigError(f"model={self.model} is a ViT, but ResNet settings are set ({' '.join(resnet_keys)}, by the "
+                              "preset or the command line); add stem_stride=4 width=64, or choose a ResNet")
         if self.multicrop == "packed" and not self.model.startswith("vit_"):
             raise ConfigError(f"multicrop=packed packs ViT tokens, but model={self.model}; use multicrop=per_resolution "
                               "with a ResNet, or a vit_* model")

@@ -80,6 +80,7 @@ class GenerateConfig:
     steps: int = 20
     guidance: float = 2.0
     backend: Literal["eager", "compile", "cudagraphs", "tensorrt"] = "eager"
+    attention: Literal["auto", "sdpa", "xformers"] = "auto"  # E-LDM UNet attention (generators/eldm.set_unet_attention)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # UNet step dtype; auto = bf16 on CUDA, fp32 on CPU
     batch_size: int = 16  # images per sampler call (per rank)
     seed: int = 0  # base seed: every view's noise, partner and α derive from (seed, source, view)
@@ -113,6 +114,9 @@ class GenerateConfig:
             raise ConfigError("steps, batch_size, shard_size, contact_n and report_sources must be >= 1")
         if not all(0.0 < a < 1.0 for a in self.alphas):
             raise ConfigError(f"alphas must lie in (0, 1), got {self.alphas}")
+        if self.attention == "xformers" and self.backend != "eager":
+            raise ConfigError(f"attention=xformers runs with backend=eager only; backend={self.backend} compiles or "
+                              "exports the UNet: use attention=sdpa or auto")
         if not 1 <= self.view_quality <= 100:
             raise ConfigError(f"view_quality is a JPEG quality in 1..100, got {self.view_quality}")
         if self.noise_level < 0:
@@ -158,6 +162,7 @@ def _load_generator(cfg: GenerateConfig, dist: DistInfo):
                               "autoencoder the E-LDM was trained with)")
     gen = json.loads(gen_file.read_text())
     eldm = load_eldm(eldm_dir).to(dist.device).eval()
+    eldm.set_attention(cfg.attention if cfg.backend == "eager" else "sdpa")
     ae_path = cfg.autoencoder or gen["autoencoder"]["path"]
     try:
         ae = load_pretrained_autoencoder(ae_path).to(dist.device).float().eval()

@@ -66,6 +66,8 @@ def test_launcher_flags_are_tolerated(tmp_path) -> None:
     (["epochs"], "write settings as key=value"),
     (["--epochs=3"], "unknown option '--epochs=3'"),
     (["crops.n_global=0"], "n_global must be >= 1"),
+    (["preset=smoke", "model=vit_tiny"], "ResNet settings are set (stem_stride=2 width=32, by the preset"),
+    (["width=4"], "width (a ResNet's first-stage channels) must be >= 8"),
     (["--deepspeed_config", "/nonexistent.json"], "no such file"),
 ])
 def test_bad_input_fails_before_any_work_naming_the_key(argv, message) -> None:
