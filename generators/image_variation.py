@@ -76,7 +76,35 @@ def pipeline_hash(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-class ImageVariationSampler:
+class PipelineViewSampler:
+    """What the diffusers-pipeline samplers share: per-seed initial noise and ``sample`` in calls of at
+    most ``max_batch`` images. A subclass sets ``kind``, ``pipe``, ``steps``, ``guidance``, ``device``,
+    ``dtype``, ``max_batch``, ``image_size``, ``latent_shape`` and ``_sample(conditions, seeds)``."""
+
+    kind = ""  # in error messages: "image-variation", "text-to-image"
+
+    def initial_latents(self, seeds: Sequence[int]) -> torch.Tensor:
+        """``[B, C, h, w]`` unit Gaussian noise, row b a function of ``seeds[b]`` alone."""
+        return torch.stack([torch.randn(self.latent_shape, generator=g) for g in _row_generators(seeds, stream=1)])
+
+    @torch.inference_mode()
+    def sample(self, embeddings, seeds: Sequence[int], noise_levels=None) -> np.ndarray:
+        """uint8 ``[B, H, W, 3]`` views of conditions ``[B, ...]`` (image embeddings ``[B, E]``, caption
+        embeddings ``[B, L, E]``), one per seed."""
+        c = torch.as_tensor(np.asarray(embeddings) if not isinstance(embeddings, torch.Tensor) else embeddings).float()
+        seeds = [int(s) for s in np.asarray(seeds).reshape(-1)]
+        if len(seeds) != c.shape[0]:
+            raise ValueError(f"{len(seeds)} seeds for {c.shape[0]} embeddings")
+        if noise_levels is not None and np.any(np.asarray(noise_levels) != 0):
+            raise ValueError(f"condition noise levels (GenView's noise_level) are an E-LDM option; the {self.kind} "
+                             "pipeline takes noise_level=0")
+        out = [self._sample(c[b:b + self.max_batch], seeds[b:b + self.max_batch]) for b in range(0, len(seeds), self.max_batch)]
+        return np.concatenate(out, 0) if out else np.zeros((0, *self.image_size, 3), np.uint8)
+
+    __call__ = sample
+
+
+class ImageVariationSampler(PipelineViewSampler):
     """Views of sources from their CLIP image embeddings (module docstring).
 
     Args:
@@ -85,6 +113,8 @@ class ImageVariationSampler:
         image_size: side of the views; 0 = the pipeline's own (``unet.sample_size · vae_scale_factor``).
         max_batch: images per UNet call.
     """
+
+    kind = "image-variation"
 
     def __init__(self, path: str | os.PathLike, steps: int = 50, guidance: float = 3.0, image_size: int = 0,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, max_batch: int = 16) -> None:
@@ -144,26 +174,6 @@ class ImageVariationSampler:
             return self.embed(images).numpy()
 
         return embeddings
-
-    # -------------------------------------------------------------------------------- sampling
-    def initial_latents(self, seeds: Sequence[int]) -> torch.Tensor:
-        """``[B, C, h, w]`` unit Gaussian noise, row b a function of ``seeds[b]`` alone."""
-        return torch.stack([torch.randn(self.latent_shape, generator=g) for g in _row_generators(seeds, stream=1)])
-
-    @torch.inference_mode()
-    def sample(self, embeddings, seeds: Sequence[int], noise_levels=None) -> np.ndarray:
-        """uint8 ``[B, H, W, 3]`` views of embeddings ``[B, E]``, one per seed."""
-        e = torch.as_tensor(np.asarray(embeddings) if not isinstance(embeddings, torch.Tensor) else embeddings).float()
-        seeds = [int(s) for s in np.asarray(seeds).reshape(-1)]
-        if len(seeds) != e.shape[0]:
-            raise ValueError(f"{len(seeds)} seeds for {e.shape[0]} embeddings")
-        if noise_levels is not None and np.any(np.asarray(noise_levels) != 0):
-            raise ValueError("condition noise levels (GenView's noise_level) are an E-LDM option; the image-variation "
-                             "pipeline takes noise_level=0")
-        out = [self._sample(e[b:b + self.max_batch], seeds[b:b + self.max_batch]) for b in range(0, len(seeds), self.max_batch)]
-        return np.concatenate(out, 0) if out else np.zeros((0, *self.image_size, 3), np.uint8)
-
-    __call__ = sample
 
     def _sample(self, e: torch.Tensor, seeds: list[int]) -> np.ndarray:
         cond = e.to(self.device, self.dtype)[:, None, :]  # [B, 1, E]

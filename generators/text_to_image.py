@@ -37,8 +37,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from genssl.generators.image_variation import guided_denoise, pipeline_hash
-from genssl.generators.samplers import _row_generators
+from genssl.generators.image_variation import PipelineViewSampler, guided_denoise, pipeline_hash
 
 __all__ = ["read_captions", "captions_fingerprint", "load_text_to_image_pipeline", "TextToImageSampler",
            "generate_caption_views", "DEFAULT_GUIDANCE"]
@@ -93,7 +92,7 @@ def load_text_to_image_pipeline(path: str | os.PathLike, device: torch.device | 
     return pipe.to(device, dtype)
 
 
-class TextToImageSampler:
+class TextToImageSampler(PipelineViewSampler):
     """Views of captions from their text embeddings (module docstring).
 
     Args:
@@ -102,6 +101,8 @@ class TextToImageSampler:
         image_size: side of the views; 0 = the pipeline's own (``unet.sample_size · vae_scale_factor``).
         max_batch: images per UNet call.
     """
+
+    kind = "text-to-image"
 
     def __init__(self, path: str | os.PathLike, steps: int = 50, guidance: float = DEFAULT_GUIDANCE, image_size: int = 0,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, max_batch: int = 16) -> None:
@@ -145,25 +146,6 @@ class TextToImageSampler:
     def embed_captions(self, captions: Sequence[str]):
         """``callable(indices int64[n]) -> [n, L, E]``, for :func:`~genssl.generators.job.run_generation`."""
         return lambda idx: self.encode([captions[int(i)] for i in np.asarray(idx).reshape(-1)]).numpy()
-
-    def initial_latents(self, seeds: Sequence[int]) -> torch.Tensor:
-        """``[B, C, h, w]`` unit Gaussian noise, row b a function of ``seeds[b]`` alone."""
-        return torch.stack([torch.randn(self.latent_shape, generator=g) for g in _row_generators(seeds, stream=1)])
-
-    @torch.inference_mode()
-    def sample(self, embeddings, seeds: Sequence[int], noise_levels=None) -> np.ndarray:
-        """uint8 ``[B, H, W, 3]`` views of caption embeddings ``[B, L, E]``, one per seed."""
-        c = torch.as_tensor(np.asarray(embeddings) if not isinstance(embeddings, torch.Tensor) else embeddings).float()
-        seeds = [int(s) for s in np.asarray(seeds).reshape(-1)]
-        if len(seeds) != c.shape[0]:
-            raise ValueError(f"{len(seeds)} seeds for {c.shape[0]} embeddings")
-        if noise_levels is not None and np.any(np.asarray(noise_levels) != 0):
-            raise ValueError("condition noise levels (GenView's noise_level) are an E-LDM option; the text-to-image "
-                             "pipeline takes noise_level=0")
-        out = [self._sample(c[b:b + self.max_batch], seeds[b:b + self.max_batch]) for b in range(0, len(seeds), self.max_batch)]
-        return np.concatenate(out, 0) if out else np.zeros((0, *self.image_size, 3), np.uint8)
-
-    __call__ = sample
 
     def _sample(self, c: torch.Tensor, seeds: list[int]) -> np.ndarray:
         cond = c.to(self.device, self.dtype)  # [B, L, E]
