@@ -44,24 +44,32 @@ from genssl.generators.samplers import _row_generators
 __all__ = ["load_image_variation_pipeline", "ImageVariationSampler", "pipeline_hash"]
 
 
+def load_local_pipeline(pipeline_cls, path: str | os.PathLike, key: str, example: str,
+                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """``pipeline_cls`` (a diffusers pipeline class) loaded from the local folder ``path`` (never downloaded),
+    then cast; a folder that is not a saved pipeline is a ValueError naming ``key=`` and an ``example``
+    repository to download."""
+    folder = Path(path).expanduser()
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"{key}={path}: no diffusers pipeline folder there (model_index.json missing). genssl uses "
+                         f"local files only: download one yourself (e.g. `huggingface-cli download {example} "
+                         f"--local-dir DIR`) and pass {key}=DIR")
+    # loaded as saved, then cast: from_pretrained's dtype keyword changed name across diffusers versions
+    pipe = pipeline_cls.from_pretrained(str(folder), local_files_only=True, safety_checker=None,
+                                        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, dtype)
+
+
 def load_image_variation_pipeline(path: str | os.PathLike, device: torch.device | str = "cpu",
                                   dtype: torch.dtype = torch.float32):
     """The diffusers image-variation pipeline saved at the local folder ``path`` (never downloaded)."""
-    folder = Path(path).expanduser()
-    if not (folder / "model_index.json").is_file():
-        raise ValueError(f"pipeline={path}: no diffusers pipeline folder there (model_index.json missing). genssl uses "
-                         "local files only: download an image-variation pipeline yourself (e.g. "
-                         "`huggingface-cli download lambdalabs/sd-image-variations-diffusers --local-dir DIR`) "
-                         "and pass pipeline=DIR")
-    if importlib.util.find_spec("transformers") is None:  # the pipeline's CLIP image encoder
+    if (Path(path).expanduser() / "model_index.json").is_file() and importlib.util.find_spec("transformers") is None:
         raise ValueError("pipeline= needs the transformers package for the CLIP image encoder: pip install 'genssl[variation]' (or pip install transformers)")
     from diffusers import StableDiffusionImageVariationPipeline
 
-    # loaded as saved, then cast: from_pretrained's dtype keyword changed name across diffusers versions
-    pipe = StableDiffusionImageVariationPipeline.from_pretrained(str(folder), local_files_only=True, safety_checker=None,
-                                                                 requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device, dtype)
+    return load_local_pipeline(StableDiffusionImageVariationPipeline, path, "pipeline",
+                               "lambdalabs/sd-image-variations-diffusers", device, dtype)
 
 
 def pipeline_hash(path: str | os.PathLike) -> str:

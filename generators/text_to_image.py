@@ -37,7 +37,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from genssl.generators.image_variation import PipelineViewSampler, guided_denoise, pipeline_hash
+from genssl.generators.image_variation import PipelineViewSampler, guided_denoise, load_local_pipeline, pipeline_hash
 
 __all__ = ["read_captions", "captions_fingerprint", "load_text_to_image_pipeline", "TextToImageSampler",
            "generate_caption_views", "DEFAULT_GUIDANCE"]
@@ -78,18 +78,10 @@ def captions_fingerprint(captions: Sequence[str]) -> str:
 def load_text_to_image_pipeline(path: str | os.PathLike, device: torch.device | str = "cpu",
                                 dtype: torch.dtype = torch.float32):
     """The diffusers Stable Diffusion text-to-image pipeline saved at the local folder ``path``."""
-    folder = Path(path).expanduser()
-    if not (folder / "model_index.json").is_file():
-        raise ValueError(f"generator.pipeline={path}: no diffusers pipeline folder there (model_index.json missing). "
-                         "genssl uses local files only: download a text-to-image pipeline yourself (e.g. "
-                         "`huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir DIR`) and "
-                         "pass generator.pipeline=DIR")
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True, safety_checker=None,
-                                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device, dtype)
+    return load_local_pipeline(StableDiffusionPipeline, path, "generator.pipeline",
+                               "stable-diffusion-v1-5/stable-diffusion-v1-5", device, dtype)
 
 
 class TextToImageSampler(PipelineViewSampler):

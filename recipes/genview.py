@@ -108,21 +108,28 @@ class RecordingScorer(QDCScorer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.pairs, self.batches, self.std_sum, self.lo, self.hi = 0, 0, 0.0, float("inf"), float("-inf")
+        self.pairs, self.batches = 0, 0
+        self._stats = None  # device tensor [std sum, min, max]: no host sync inside the training loop
 
     @torch.no_grad()
     def weights(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
         w = super().weights(view1, view2)
-        stats = torch.stack([w.std(correction=0), w.min(), w.max()]).tolist()  # one device sync per step
-        self.pairs, self.batches, self.std_sum = self.pairs + w.numel(), self.batches + 1, self.std_sum + stats[0]
-        self.lo, self.hi = min(self.lo, stats[1]), max(self.hi, stats[2])
+        std, lo, hi = w.std(correction=0), w.min(), w.max()
+        if self._stats is None:
+            self._stats = torch.stack([std, lo, hi])
+        else:
+            self._stats = torch.stack([self._stats[0] + std, torch.minimum(self._stats[1], lo),
+                                       torch.maximum(self._stats[2], hi)])
+        self.pairs, self.batches = self.pairs + w.numel(), self.batches + 1
         return w
 
     forward = weights
 
     def summary(self) -> dict:
-        return {"pairs": self.pairs, "weight_std": self.std_sum / max(self.batches, 1),
-                "weight_min": self.lo if self.batches else None, "weight_max": self.hi if self.batches else None}
+        if self._stats is None:
+            return {"pairs": 0, "weight_std": 0.0, "weight_min": None, "weight_max": None}
+        std_sum, lo, hi = self._stats.tolist()
+        return {"pairs": self.pairs, "weight_std": std_sum / self.batches, "weight_min": lo, "weight_max": hi}
 
 
 def quality_scorer(cfg: GenViewConfig, dist, data, encoder: Path) -> RecordingScorer:
