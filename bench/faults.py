@@ -36,7 +36,7 @@ Points (STAGE is the stage's folder under ``out=``, ``.`` for recipes/dino.py):
   stage-before everything of the stage written but its stage.json
   stage-after  stage.json written, before the next stage starts (gen_dino: before out/eval.json)
   cache        the latent cache's per-rank parts written, before they are assembled
-  gen-write    source AT's chunks written and fsynced, its done flag not yet set
+  gen-write    source AT's staged views written and fsynced (with its group's), its done flag not yet set
   views-done   the view store complete (generation stage returned), before Gen-DINO starts
 
 Writes ``bench/results/<date>-faults-<device>.json`` (device, versions, settings, per fault: stage,
@@ -140,7 +140,7 @@ def arm(stage_dir: Path, point: str, at) -> None:
     from genssl.recipes import autoencoder, eldm
 
     what = f"{stage_dir.name or stage_dir}:{point}" + (f":{at}" if at is not None else "")
-    state = {"run_dir": None, "saving": None, "source": None}
+    state = {"run_dir": None, "saving": None}
     here = lambda path: Path(path).resolve() == stage_dir  # noqa: E731
 
     def manager_init(orig):
@@ -224,20 +224,14 @@ def arm(stage_dir: Path, point: str, at) -> None:
             return wrapped
         _wrap(gen_autoencoder.LatentCache, "save", cache_save)
     elif point == "gen-write":
-        def write_source(orig):
-            def wrapped(self, i, *args, **kwargs):
-                state["source"] = i
-                return orig(self, i, *args, **kwargs)
-            return wrapped
-
-        def fsync_dir(orig):  # write_source's last act before setting done[i]
-            def wrapped(path):
-                orig(path)
-                if state["source"] == at:
+        def stage(orig):  # write_sources: staging files durable, then the done flags (schema 2 view store)
+            def wrapped(self, files, *args, **kwargs):
+                result = orig(self, files, *args, **kwargs)
+                if at in [i for i, _ in files]:
                     _die(what)
+                return result
             return wrapped
-        _wrap(viewstore.ViewStore, "write_source", write_source)
-        _wrap(viewstore, "_fsync_dir", fsync_dir)
+        _wrap(viewstore.ViewStore, "_stage", stage)
     elif point == "views-done":
         def views(orig):
             def wrapped(*args, **kwargs):

@@ -259,13 +259,6 @@ class ProblemCounts:
         return {"files_skipped": len(self.files), "views_damaged": len(self.views)}
 
 
-def _read(paths: Sequence[str], idx: np.ndarray, pool: ThreadPoolExecutor | None = None) -> list[np.ndarray]:
-    """File bytes of a batch; concurrent reads hide per-file latency (network file systems)."""
-    files = [paths[i] for i in idx]
-    read = lambda path: np.fromfile(path, dtype=np.uint8)  # noqa: E731
-    return list(pool.map(read, files)) if pool is not None else [read(f) for f in files]
-
-
 _END = object()
 
 
@@ -475,6 +468,12 @@ class DaliEvalLoader:
     Images are resized so the shorter side is ``size / crop_ratio`` and centre-cropped to ``size``
     (done as one resize of the centre region); images whose shorter side is at most ``size`` are
     resized whole to ``size x size`` (tiny images, e.g. 32 px, would otherwise lose their border).
+
+    Files are read through `FileReader` like the training loaders' (module docstring): a file deleted,
+    truncated or replaced since indexing is reported and its row of the batch holds another sample of
+    the batch, with that sample's index and label. So a consumer keyed by index sees every readable
+    image under its own index and the unreadable ones not at all (`extract_features` keeps one row
+    per index); ``substitutions`` maps each unreadable index to the one read in its place.
     """
 
     def __init__(self, index: DatasetIndex, size: int, batch_size: int, rank: int, world_size: int,
@@ -488,6 +487,8 @@ class DaliEvalLoader:
         self.mean, self.std = [255.0 * m for m in mean], [255.0 * s for s in std]
         self._labels = torch.as_tensor(np.asarray(index.labels, dtype=np.int64))
         self._pool = ThreadPoolExecutor(max(2, num_threads), thread_name_prefix="genssl-read")
+        self._files = FileReader.for_index(index)
+        self.substitutions: dict[int, int] = {}  # unreadable index -> index read in its place (filled while iterating)
         self._driver = _Driver(self._build, device_id)
 
     def __len__(self) -> int:
@@ -510,8 +511,11 @@ class DaliEvalLoader:
 
     def _feed(self) -> Iterator[tuple]:
         for start in range(0, len(self.shard), self.batch_size):
-            idx = self.shard[start:start + self.batch_size]
-            yield _read(self.index.paths, idx, self._pool), idx, self.centre_rois(idx)
+            asked = self.shard[start:start + self.batch_size]
+            data, idx, status = self._files.batch(asked, self._pool)
+            for b in np.flatnonzero(status & SUBSTITUTED):
+                self.substitutions[int(asked[b])] = int(idx[b])
+            yield data, idx, self.centre_rois(idx)
 
     def _build(self, source) -> Pipeline:
         pipe = Pipeline(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id, seed=0)

@@ -100,7 +100,7 @@ class DatasetIndex:
     WebDataset ``<shard>.tar/<member>``), of ``sizes[i] = (width, height)`` pixels, with
     ``labels[i]`` (-1 when unlabelled) indexing ``classes``. From `build_index` the sequences are
     memory-mapped and read-only (``paths``/``source_paths`` are `PathColumn` s, decoded per access);
-    lists and plain arrays work too (`engine.evaluate.subset`)."""
+    lists and plain arrays work too (`subset`)."""
 
     root: Path
     paths: Sequence[str]
@@ -115,6 +115,15 @@ class DatasetIndex:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def subset(self, rows: np.ndarray, **changes) -> "DatasetIndex":
+        """Samples ``rows`` (in that order) as an index of their own: every per-sample column follows
+        ``rows`` (``file_stats`` too: the read checks compare each file with its own record);
+        ``changes`` replace other fields (e.g. ``fingerprint``)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        stats = None if self.file_stats is None else self.file_stats[rows]
+        return dataclasses.replace(self, paths=[self.paths[i] for i in rows], source_paths=[self.source_paths[i] for i in rows],
+                                   sizes=self.sizes[rows], labels=self.labels[rows], file_stats=stats, **changes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,7 +483,8 @@ def _inspect_chunk(args: list[tuple[str, str, int]]) -> list[dict]:
 def default_workers() -> int:
     """This process's share of the cores it may run on: ranks of one node split them."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
     return max(1, min(cpus // max(1, per_node), 16))
 
 

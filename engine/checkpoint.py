@@ -20,6 +20,7 @@ hold (`_deepspeed_safe_globals`: records rebuilt from their attributes, an enum;
 
 from __future__ import annotations
 
+import datetime
 import os
 import pickle
 import random
@@ -124,6 +125,22 @@ class CheckpointManager:
         away a checkpoint interval of work. ``latest`` is kept for people and tools."""
         tags = sorted(p.name for p in self.dir.glob("step*") if (p / COMPLETE).is_file())
         return tags[-1] if tags else None
+
+    def set_aside(self) -> Path | None:
+        """Collective. A fresh start (``ckpt.resume=false``) in a folder holding checkpoints renames
+        ``checkpoints/`` to ``checkpoints.replaced-<UTC time>/`` and returns it (None when there was
+        nothing to keep). Left in place, the old run's checkpoints would be taken for this run's: the
+        newest step would survive pruning and a later rerun would resume it, while this run's own
+        checkpoints, at lower steps, were deleted as the oldest."""
+        aside = None
+        if self.dist.is_main and any(self.dir.glob("step*")):
+            stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            aside = self.dir.with_name(f"{self.dir.name}.replaced-{stamp}")
+            os.rename(self.dir, aside)
+            print(f"ckpt.resume=false: the checkpoints already in {self.dir} were moved to {aside} (delete it "
+                  "when it is not needed); this run starts from step 0", flush=True)
+        barrier()
+        return aside
 
     def save(self, engine, step: int, client_state: dict, rank_state: dict) -> str:
         """Collective: every rank calls it. ``rank_state`` is this rank's own (RNG, loader)."""

@@ -7,7 +7,6 @@ normalisation, and feeds both the weighted k-NN (engine/knn.py) and the linear p
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,8 +25,7 @@ RESULT_KEYS = ("knn_top1", "knn_top5", "knn_k", "knn_temperature", "linear_top1"
 
 
 def subset(index: DatasetIndex, rows: np.ndarray) -> DatasetIndex:
-    return dataclasses.replace(index, paths=[index.paths[i] for i in rows], source_paths=[index.source_paths[i] for i in rows],
-                               sizes=index.sizes[rows], labels=index.labels[rows])
+    return index.subset(rows)
 
 
 def eval_splits(train: DatasetIndex, val: DatasetIndex | None, holdout: float, seed: int) -> tuple[DatasetIndex, DatasetIndex] | None:

@@ -221,6 +221,8 @@ def fit(cfg: TrainConfig, dist: DistInfo, student: nn.Module, objective: nn.Modu
     identity = run_identity(cfg, training_only=True)  # what a checkpoint must match to be resumed
     start_step = 0
     tag = ckpt.latest() if cfg.ckpt.resume else None
+    if not cfg.ckpt.resume:
+        ckpt.set_aside()
     if tag is not None:
         client_state, rank_state = ckpt.load(engine, tag)
         differences = run_differences(client_state.get("run_identity"), cfg, training_only=True)

@@ -239,6 +239,7 @@ class LatentCache:
     def __init__(self, cache_dir: str | os.PathLike, fingerprint: str, model_hash: str,
                  name: str = "latents"):
         self.cache_dir = Path(cache_dir)
+        self.name = name
         self.fingerprint = str(fingerprint)
         self.model_hash = str(model_hash)
         key = hashlib.sha256(f"{self.fingerprint}\0{self.model_hash}".encode()).hexdigest()[:16]

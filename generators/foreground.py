@@ -363,11 +363,7 @@ def sample_index(index, n: int, seed: int):
     ``DatasetIndex``, in index order, as a ``DatasetIndex`` of their own."""
     rows = np.arange(len(index)) if n >= len(index) else \
         np.sort(np.random.default_rng([int(seed), 0x46]).choice(len(index), size=int(n), replace=False))
-    stats = None if index.file_stats is None else index.file_stats[rows]
-    return dataclasses.replace(index, paths=[index.paths[i] for i in rows],
-                               source_paths=[index.source_paths[i] for i in rows], sizes=index.sizes[rows],
-                               labels=index.labels[rows], fingerprint=f"{index.fingerprint}:sample{len(rows)}:{seed}",
-                               quarantine=[], file_stats=stats)
+    return index.subset(rows, fingerprint=f"{index.fingerprint}:sample{len(rows)}:{seed}", quarantine=[])
 
 
 class _Images:

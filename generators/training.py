@@ -203,6 +203,12 @@ def cached_dataset_tensor(cache: LatentCache, name: str, index, dist, compute_ba
         part = {"indices": torch.cat(indices) if indices else torch.zeros(0, dtype=torch.int64)}
         if values:
             part["values"] = torch.cat(values).contiguous()  # CPU convs may return channels-last; safetensors refuses those
+            # a file unreadable since indexing (reported by the loader) keeps a row: the image read in its place,
+            # as the training loaders substitute it; the next run's index drops it
+            for asked, used in loader.substitutions.items():
+                row = int((part["indices"] == used).nonzero()[0])
+                part["indices"] = torch.cat([part["indices"], torch.tensor([asked])])
+                part["values"] = torch.cat([part["values"], part["values"][row:row + 1]])
         cache.cache_dir.mkdir(parents=True, exist_ok=True)
         part_path = cache.path.with_name(f".{cache.path.stem}.part{dist.rank}of{dist.world_size}.safetensors")
         tmp = part_path.with_name(part_path.name + f".tmp{os.getpid()}")

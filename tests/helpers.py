@@ -3,10 +3,27 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env() -> dict:
+    """This process's environment for a launched run: one OpenMP thread, unbuffered output, and none
+    of the launcher variables a parent run (a test under torchrun) may have set."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for key in LAUNCHER_VARS:
+        env.pop(key, None)
+    return env
 
 
 def run_recipe(cmd: list[str], timeout: int = 600, threads: int = 1) -> str:

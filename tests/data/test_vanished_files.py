@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from genssl.data.dali_loader import INTERP_DAMAGED, SUBSTITUTED, DaliMultiCropLoader, image_bytes_problem
@@ -154,3 +155,62 @@ def test_header_check():
     assert image_bytes_problem(np.concatenate([jpg, np.zeros(5, np.uint8)])) is None  # zero padding after EOI
     assert "end-of-image" in image_bytes_problem(jpg[:-10])
     assert "empty" in image_bytes_problem(jpg[:0])
+
+
+def test_evaluation_and_dataset_caches_skip_them_too(damaged, tmp_path):
+    """The eval loader (k-NN / linear features, latent and embedding caches) reads through the same
+    checks: an unreadable file's row holds another sample of its batch under that sample's index, so
+    features keyed by index cover exactly the readable files; a dataset cache keeps a row for every
+    index (the stand-in's), as training substitutes it."""
+    from genssl.data.dali_loader import DaliEvalLoader
+    from genssl.engine.distributed import DistInfo
+    from genssl.engine.knn import extract_features
+    from genssl.generators.autoencoder import LatentCache
+    from genssl.generators.training import cached_dataset_tensor
+
+    index, _ = damaged
+    mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # images in [0, 1]: a flat image's mean is its colour / 255
+    loader = DaliEvalLoader(index, 16, 4, 0, 1, num_threads=1, mean=mean, std=std)
+    colour = MeanColour()
+    for images, labels, idx in loader:
+        np.testing.assert_allclose(colour(images).numpy(), [rgb01(int(i)) for i in idx], atol=0.003)
+        np.testing.assert_array_equal(labels.numpy(), np.asarray(index.labels)[idx.numpy()])
+    asked = np.arange(N)
+    assert loader.substitutions == {int(a): int(s) for a, s in zip(asked, _stand_in_batches(asked, 4)) if a in BAD}
+
+    feats, _ = extract_features(colour, loader, "cpu", normalize=False)
+    np.testing.assert_allclose(feats.numpy(), [rgb01(i) for i in range(N) if i not in BAD], atol=0.003)
+
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    cache = LatentCache(tmp_path / "cache_run", fingerprint=index.fingerprint, model_hash="colour")
+    rows = cached_dataset_tensor(cache, "colour", index, dist, colour, size=16, mean=mean, std=std, batch_size=4,
+                                 num_threads=1, log=None)
+    np.testing.assert_allclose(rows, [rgb01(int(s)) for s in _stand_in_batches(asked, 4)], atol=0.003)
+
+
+def rgb01(i: int) -> np.ndarray:
+    return np.asarray(real_rgb(i), dtype=np.float64) / 255
+
+
+def _stand_in_batches(order: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.concatenate([_stand_in(order[k:k + batch_size]) for k in range(0, len(order), batch_size)])
+
+
+class MeanColour(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3, h, w] -> [B, 3]
+        return x.mean(dim=(2, 3))
+
+
+def test_a_subset_keeps_each_files_own_record(damaged):
+    """`DatasetIndex.subset` (evaluation splits, foreground samples, previews) carries ``file_stats``
+    along with the paths: before, a reordered subset compared each file with another's record and
+    skipped intact files as "changed"."""
+    from genssl.data.dali_loader import DaliEvalLoader
+
+    index, _ = damaged
+    rows = np.array([i for i in range(N) if i not in BAD][::-1])
+    part = index.subset(rows)
+    loader = DaliEvalLoader(part, 16, 4, 0, 1, num_threads=1, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    seen = np.concatenate([idx.numpy() for _, _, idx in loader])
+    assert loader.substitutions == {} and sorted(seen) == list(range(len(rows)))
+    np.testing.assert_array_equal(part.file_stats, index.file_stats[rows])

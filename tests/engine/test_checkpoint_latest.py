@@ -54,3 +54,20 @@ def test_incomplete_checkpoints_and_a_stale_marker_are_ignored(tmp_path: Path) -
     (tmp_path / "checkpoints" / "latest").unlink()
     assert manager.latest() == "step00000004"
     assert CheckpointManager(tmp_path / "empty", keep_last=2, dist=DIST).latest() is None
+
+
+def test_a_fresh_start_sets_the_old_runs_checkpoints_aside(tmp_path: Path) -> None:
+    """ckpt.resume=false in a folder whose old run reached higher steps: before, pruning kept the old
+    run's newest checkpoints and deleted the new run's as the oldest, and a rerun resumed the old run."""
+    old = CheckpointManager(tmp_path, keep_last=2, dist=DIST)
+    for step in (8, 10):
+        old.save(_Engine(), step, {"global_step": step}, {})
+    fresh = CheckpointManager(tmp_path, keep_last=2, dist=DIST)
+    aside = fresh.set_aside()
+    assert aside is not None and aside.parent == tmp_path and aside.name.startswith("checkpoints.replaced-")
+    assert sorted(p.name for p in aside.glob("step*")) == ["step00000008", "step00000010"]
+    for step in (2, 4, 6):
+        fresh.save(_Engine(), step, {"global_step": step}, {})
+    assert sorted(p.name for p in fresh.dir.glob("step*")) == ["step00000004", "step00000006"]
+    assert fresh.latest() == "step00000006"
+    assert CheckpointManager(tmp_path / "empty", keep_last=2, dist=DIST).set_aside() is None

@@ -106,6 +106,11 @@ def test_resume_accepts_a_moved_run_and_refuses_other_epochs(tmp_path: Path) -> 
     assert "choose a new out=" in message
     assert yaml.safe_load((moved / "config.yaml").read_text())["epochs"] == 1  # the run's own settings are kept
 
+    fresh = _train(f"out={moved}", "epochs=2", "ckpt.resume=false")  # a new run here: the old one's checkpoints go aside
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert "were moved to" in fresh.stdout and "resumed from" not in fresh.stdout
+    assert [p.name for p in moved.glob("checkpoints.replaced-*/step*")] == ["step00000002"]
+
 
 # --- the E-LDM stage of the pipeline honours --deepspeed_config --------------------------------------------------
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,31 +19,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from genssl.tests.helpers import free_port, launch_env
+
 pytestmark = pytest.mark.slow
 SCRIPT = str(Path(__file__).with_name("dist_train.py"))
 TOL = 1e-5
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
 def _torchrun(nproc: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}",
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
             SCRIPT, *args]
 
 
 def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
@@ -136,7 +124,7 @@ def test_skipped_step_leaves_the_centre_unchanged(tmp_path: Path) -> None:
 
 def test_sigkill_then_resume_gives_the_same_losses(reference: Path, tmp_path: Path) -> None:
     cmd = _torchrun(2, f"out={tmp_path}", "batch_size=2", "zero_stage=3", "ckpt.every_steps=4", "step_sleep=0.4")
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     latest = tmp_path / "checkpoints" / "latest"
     deadline = time.time() + 240
     while time.time() < deadline and not (latest.exists() and latest.read_text().strip() >= "step00000008"):
@@ -159,11 +147,11 @@ def test_sigkill_then_resume_gives_the_same_losses(reference: Path, tmp_path: Pa
 
 
 def test_two_nodes_one_process_each_with_torchrun(reference: Path, tmp_path: Path) -> None:
-    port = _port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={r}",
                                "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}", SCRIPT,
                                f"out={tmp_path}", "batch_size=2", "zero_stage=2"],
-                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+                              env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     for p in procs:
         out, _ = p.communicate(timeout=300)
         assert p.returncode == 0, out[-4000:]
@@ -196,6 +184,6 @@ def test_fp16_overflow_is_owned_by_the_loss_scaler(tmp_path: Path) -> None:
 
 def test_nonfinite_loss_stops_with_a_clear_message(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, SCRIPT, f"out={tmp_path}", "epochs=1", "nan_at_step=2", "on_nonfinite=stop"],
-                          env=_env(), capture_output=True, text=True, timeout=300)
+                          env=launch_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "non-finite loss at step 2" in proc.stderr and "on_nonfinite=stop" in proc.stderr
