@@ -39,7 +39,7 @@ def _as_tensor(x, dtype=None, device=None) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.to(device=device if device is not None else x.device,
                     dtype=dtype if dtype is not None else x.dtype)
-    t = torch.as_tensor(np.asarray(x))
+    t = torch.as_tensor(np.array(x))  # a copy: x may be a read-only memmap (the embedding cache)
     return t.to(device=device, dtype=dtype if dtype is not None else (
         t.dtype if t.is_floating_point() else torch.float32))
 
