@@ -24,10 +24,6 @@ RESULT_KEYS = ("knn_top1", "knn_top5", "knn_k", "knn_temperature", "linear_top1"
                "linear_epochs", "linear_lr", "linear_batch_size", "linear_weight_decay", "n_train", "n_test")
 
 
-def subset(index: DatasetIndex, rows: np.ndarray) -> DatasetIndex:
-    return index.subset(rows)
-
-
 def eval_splits(train: DatasetIndex, val: DatasetIndex | None, holdout: float, seed: int) -> tuple[DatasetIndex, DatasetIndex] | None:
     """(train rows, test rows): the val split when there is one, else a seeded hold-out of train.
 
@@ -38,12 +34,12 @@ def eval_splits(train: DatasetIndex, val: DatasetIndex | None, holdout: float, s
     if len(labelled) == 0:
         return None
     if val is not None and (val.labels >= 0).any():
-        return subset(train, labelled), subset(val, np.flatnonzero(val.labels >= 0))
+        return train.subset(labelled), val.subset(np.flatnonzero(val.labels >= 0))
     order = np.random.default_rng(seed).permutation(labelled)
     n_query = max(1, int(round(holdout * len(order))))
     if n_query >= len(order):
         return None
-    return subset(train, np.sort(order[n_query:])), subset(train, np.sort(order[:n_query]))
+    return train.subset(np.sort(order[n_query:])), train.subset(np.sort(order[:n_query]))
 
 
 @torch.no_grad()
@@ -159,4 +155,4 @@ def describe(result: dict) -> str:
     return " | ".join(parts)
 
 
-__all__ = ["RESULT_KEYS", "describe", "eval_features", "eval_splits", "evaluate_encoder", "subset"]
+__all__ = ["RESULT_KEYS", "describe", "eval_features", "eval_splits", "evaluate_encoder"]

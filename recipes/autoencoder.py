@@ -158,10 +158,9 @@ def _scaling_images(data: Data, arch: AutoencoderArch, dist: DistInfo, n: int) -
     import numpy as np
 
     from genssl.data.dali_loader import DaliEvalLoader
-    from genssl.engine.evaluate import subset
 
     rows = np.sort(np.random.default_rng(0).permutation(len(data.train))[:max(1, min(n, len(data.train)))])
-    loader = DaliEvalLoader(subset(data.train, rows), arch.image_size, 64, 0, 1,
+    loader = DaliEvalLoader(data.train.subset(rows), arch.image_size, 64, 0, 1,
                             device_id=dist.local_rank if dist.device.type == "cuda" else None,
                             crop_ratio=1.0, mean=AE_MEAN, std=AE_STD)
     return torch.cat([images.cpu() for images, _, _ in loader])

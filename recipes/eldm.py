@@ -170,9 +170,8 @@ def _check_run_inputs(out: Path, inputs: dict, dist: DistInfo) -> None:
 
 def _preview_images(index, rows: np.ndarray, size: int, dist: DistInfo) -> np.ndarray:
     from genssl.data.dali_loader import DaliEvalLoader
-    from genssl.engine.evaluate import subset
 
-    loader = DaliEvalLoader(subset(index, rows), size, len(rows), 0, 1,
+    loader = DaliEvalLoader(index.subset(rows), size, len(rows), 0, 1,
                             device_id=dist.local_rank if dist.device.type == "cuda" else None,
                             crop_ratio=1.0, mean=AE_MEAN, std=AE_STD)
     return np.concatenate([to_uint8(images.cpu()).numpy() for images, _, _ in loader])
