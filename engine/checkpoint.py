@@ -3,6 +3,7 @@
 Layout under ``<run>/checkpoints/``::
 
     step00000120/        a complete checkpoint (DeepSpeed files + rank*_extra.pt + COMPLETE)
+      universal/         its DeepSpeed universal form, made on the first resume at another world size
     latest               text file naming the newest complete checkpoint (informative: resume scans)
     .tmp/                where a checkpoint is written before it is renamed into place
 
@@ -16,6 +17,14 @@ RNG states are converted to tensors, `rng_state`) and is read with ``torch.load(
 and no allow-list. DeepSpeed reads its own files with ``weights_only=False``; `CheckpointManager.load`
 makes those reads ``weights_only=True`` too, allowing the few DeepSpeed classes its optimizer states
 hold (`_deepspeed_safe_globals`: records rebuilt from their attributes, an enum; no code of the file's).
+
+Resume at another world size (docs/ENGINE.md, "Resuming on a different number of ranks"): with ZeRO
+1-3 (or the bf16 optimizer) each rank holds its own slice of the optimizer state, sized for the world
+that wrote it. `CheckpointManager.to_universal` converts such a checkpoint once, with DeepSpeed's
+``ds_to_universal``, into ``<tag>/universal/`` (whole tensors per parameter), which DeepSpeed loads
+at any world size (``checkpoint.load_universal``). The converter unpickles in full, so every file is
+first checked to load ``weights_only`` (`_check_weights_only`). ZeRO-0 fp32 checkpoints keep the
+whole optimizer state in one file and load at any world size as they are.
 """
 
 from __future__ import annotations
@@ -26,7 +35,9 @@ import pickle
 import random
 import re
 import shutil
+from contextlib import redirect_stdout
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -35,6 +46,7 @@ from genssl.engine.atomic import write_text_atomic
 from genssl.engine.distributed import DistInfo, barrier
 
 COMPLETE = "COMPLETE"
+UNIVERSAL = "universal"
 
 
 def _fsync_tree(path: Path) -> None:
@@ -61,6 +73,15 @@ def rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+def seed_rng(seed: int, step: int, rank: int) -> None:
+    """Python's, numpy's and torch's RNGs seeded from (seed, step, rank): a rank with no saved
+    state to restore (a resume at another world size) still draws reproducibly."""
+    words = np.random.SeedSequence([seed, step, rank]).generate_state(2)
+    random.seed(int(words[0]))
+    np.random.seed(int(words[1]))
+    torch.manual_seed((int(words[0]) << 32) | int(words[1]))
 
 
 def set_rng_state(state: dict) -> None:
@@ -110,6 +131,17 @@ def _refuse_pickled(path: Path, exc: Exception) -> ValueError:
         "resume with the genssl version that wrote it")
 
 
+def _check_weights_only(folder: Path) -> None:
+    """Every ``.pt`` file of ``folder`` loads with ``weights_only=True`` and the DeepSpeed allow-list,
+    or a ValueError names the first that does not (before anything unpickles them in full)."""
+    for path in sorted(folder.glob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise _refuse_pickled(path, exc) from None
+
+
 class CheckpointManager:
     def __init__(self, run_dir: str | Path, keep_last: int, dist: DistInfo):
         self.dir = Path(run_dir) / "checkpoints"
@@ -125,6 +157,40 @@ class CheckpointManager:
         away a checkpoint interval of work. ``latest`` is kept for people and tools."""
         tags = sorted(p.name for p in self.dir.glob("step*") if (p / COMPLETE).is_file())
         return tags[-1] if tags else None
+
+    def world_size_of(self, tag: str) -> int:
+        """How many ranks wrote checkpoint ``tag`` (its ``COMPLETE`` marker records it)."""
+        return int((self.dir / tag / COMPLETE).read_text() or 0)
+
+    def needs_universal(self, tag: str) -> bool:
+        """True when ``tag`` was written at another world size with its optimizer state split across
+        the ranks (ZeRO 1-3 or the bf16 optimizer write ``*optim_states.pt`` files): DeepSpeed then
+        reads it only in its universal form (`to_universal`, ``checkpoint.load_universal``)."""
+        return self.world_size_of(tag) != self.dist.world_size and any((self.dir / tag).glob("*optim_states.pt"))
+
+    def to_universal(self, tag: str) -> None:
+        """Collective. Make ``<tag>/universal/`` once: rank 0 converts with DeepSpeed's
+        ``ds_to_universal`` into a temporary folder renamed into place, so a kill during the
+        conversion leaves no half-written form; the others wait for it."""
+        target = self.dir / tag / UNIVERSAL
+        if self.dist.is_main and not (target / COMPLETE).is_file():
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            _check_weights_only(self.dir / tag)
+            tmp = self.dir / tag / f".{UNIVERSAL}-tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(target, ignore_errors=True)
+            print(f"converting {self.dir / tag} ({self.world_size_of(tag)} ranks) to DeepSpeed's universal checkpoint "
+                  f"for {self.dist.world_size} rank(s)", flush=True)
+            # inject_missing_state: our checkpoints carry no Megatron-style universal_checkpoint_info
+            args = SimpleNamespace(input_folder=str(self.dir / tag), output_folder=str(tmp), num_extract_workers=1,
+                                   num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+            with redirect_stdout(open(os.devnull, "w")):  # a page of progress lines per conversion
+                ds_to_universal(args)
+            (tmp / COMPLETE).write_text(str(self.world_size_of(tag)))
+            _fsync_tree(tmp)
+            os.rename(tmp, target)
+        barrier()
 
     def set_aside(self) -> Path | None:
         """Collective. A fresh start (``ckpt.resume=false``) in a folder holding checkpoints renames
@@ -168,24 +234,42 @@ class CheckpointManager:
         for old in tags[: -self.keep_last]:
             shutil.rmtree(self.dir / old, ignore_errors=True)
 
-    def load(self, engine, tag: str) -> tuple[dict, dict]:
-        """Restore the engine (model, optimizer) and return (client_state, this rank's state)."""
-        saved_world = int((self.dir / tag / COMPLETE).read_text() or 0)
-        if saved_world != self.dist.world_size:
-            raise ValueError(
-                f"checkpoint {self.dir / tag} was written by {saved_world} ranks but this run has "
-                f"{self.dist.world_size}; resume with the same number of ranks, or start afresh with a new out= "
-                "(or ckpt.resume=false)")
+    def load(self, engine, tag: str) -> tuple[dict, dict | None]:
+        """Restore the engine (model, optimizer) and return (client_state, this rank's state).
+
+        At another world size the rank states (RNG) of the writing ranks belong to no rank of this
+        run: None. An engine built with ``checkpoint.load_universal`` reads ``<tag>/universal/``
+        (`to_universal` first)."""
+        universal = engine.load_universal_checkpoint()
+        load_dir, load_tag = (self.dir / tag, UNIVERSAL) if universal else (self.dir, tag)
+        if universal and not (load_dir / load_tag / COMPLETE).is_file():
+            raise RuntimeError(f"{load_dir / load_tag} is missing: call to_universal({tag!r}) before load")
+        # Two repairs after DeepSpeed 0.19's ZeRO-3 universal loader: it gives every param group the
+        # first group's settings (ours differ per group: weight decay or none, late, fixed lr, see
+        # engine/trainer.param_groups; all functions of the config and the step, so each group gets
+        # its own back), and it stores one and the same `step` tensor in every group's optimizer
+        # state, which Adam increments in place once per group: with 3 groups the bias correction
+        # would count 3 steps per step.
+        torch_optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in torch_optimizer.param_groups]
         inner = engine.checkpoint_engine
         engine.checkpoint_engine = _WeightsOnlyLoads(inner)
         try:
-            path, client_state = engine.load_checkpoint(str(self.dir), tag=tag)
+            path, client_state = engine.load_checkpoint(str(load_dir), tag=load_tag)
         except pickle.UnpicklingError as exc:
             raise _refuse_pickled(self.dir / tag, exc) from None
         finally:
             engine.checkpoint_engine = inner
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
+        if universal:
+            for group, own in zip(torch_optimizer.param_groups, settings):
+                group.update(own)
+            for state in torch_optimizer.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
+        if self.world_size_of(tag) != self.dist.world_size:
+            return client_state, None
         extra = self.dir / tag / f"rank{self.dist.rank:05d}_extra.pt"
         try:
             rank_state = torch.load(extra, weights_only=True)

@@ -365,6 +365,26 @@ def run_differences(stored: dict | None, cfg, training_only: bool = False) -> li
             for key in sorted(set(stored) | set(now)) if key not in stored or key not in now or stored[key] != now[key]]
 
 
+def identity_at_world_size(stored: dict | None, cfg, saved_world: int, world: int) -> dict | None:
+    """A recorded run identity (a checkpoint's, a finished stage's) as seen at this run's world size.
+
+    ``batch_size`` is per rank. What must not change is the global batch: the data order, the steps
+    per epoch and the scaled lr all follow from it (data/sampler.py). So a checkpoint of 2 ranks x 16
+    resumes on 1 rank with batch_size=32, and on 4 ranks with batch_size=8."""
+    if stored is None or saved_world == world or "batch_size" not in stored:
+        return stored
+    global_batch = stored["batch_size"] * saved_world
+    if global_batch != cfg.batch_size * world:
+        fix = (f"batch_size={global_batch // world}" if global_batch % world == 0
+               else f"a number of ranks that divides {global_batch}")
+        raise ConfigError(
+            f"the recorded run (a checkpoint, a finished stage) has a global batch of {global_batch} ({stored['batch_size']} per rank x "
+            f"{saved_world} ranks), but batch_size={cfg.batch_size} on {world} rank(s) gives {cfg.batch_size * world}; "
+            f"the data order and schedules follow the global batch, so resume with {fix} (or start afresh with a new "
+            "out= or ckpt.resume=false)")
+    return {**stored, "batch_size": cfg.batch_size}
+
+
 __all__ = ["ConfigError", "ParsedArgs", "parse_config", "presets_in_effect", "apply_overrides", "set_value",
            "validate", "write_config", "to_dict", "read_deepspeed_json", "DEEPSPEED_OWNED_KEYS", "NOT_RESULT_KEYS",
-           "NOT_TRAINING_KEYS", "run_identity", "run_differences"]
+           "NOT_TRAINING_KEYS", "run_identity", "run_differences", "identity_at_world_size"]

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from genssl.engine.atomic import write_json_atomic
-from genssl.engine.config import ConfigError, run_differences, run_identity
+from genssl.engine.config import ConfigError, identity_at_world_size, run_differences, run_identity
 from genssl.engine.distributed import DistInfo, barrier
 
 __all__ = ["STAGE_FILE", "finished", "mark_finished", "run_stage", "supplied_encoder", "sub_config", "stage_eldm",
@@ -41,7 +41,10 @@ def finished(folder: Path, cfg, dist: DistInfo) -> dict | None:
     if not marker.is_file():
         return None
     record = json.loads(marker.read_text())
-    differences = run_differences(record.get("run_identity"), cfg)
+    # a stage finished on other ranks counts when the global batch is the same (batch_size is per rank)
+    stored = identity_at_world_size(record.get("run_identity"), cfg, record.get("world_size", dist.world_size),
+                                    dist.world_size)
+    differences = run_differences(stored, cfg)
     if differences:
         raise ConfigError(f"{folder} holds a finished stage made with other settings ({'; '.join(differences)}); "
                           f"rerun with those to reuse it, or use a new out= (or delete {folder}) to redo it with these")
@@ -53,7 +56,7 @@ def finished(folder: Path, cfg, dist: DistInfo) -> dict | None:
 def mark_finished(folder: Path, cfg, result, dist: DistInfo, started: float) -> None:
     """Record the finished stage: its identity, result and wall time since ``started`` (perf_counter)."""
     if dist.is_main:
-        write_json_atomic(folder / STAGE_FILE, {"run_identity": run_identity(cfg), "result": result,
+        write_json_atomic(folder / STAGE_FILE, {"run_identity": run_identity(cfg), "world_size": dist.world_size, "result": result,
                                                 "wall_s": round(time.perf_counter() - started, 1)})
     barrier()
 

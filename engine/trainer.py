@@ -25,8 +25,9 @@ from typing import Iterable, Protocol
 import torch
 from torch import nn
 
-from genssl.engine.checkpoint import CheckpointManager, rng_state, set_rng_state
-from genssl.engine.config import ConfigError, read_deepspeed_json, run_differences, run_identity, write_config
+from genssl.engine.checkpoint import CheckpointManager, rng_state, seed_rng, set_rng_state
+from genssl.engine.config import (ConfigError, identity_at_world_size, read_deepspeed_json, run_differences,
+                                  run_identity, write_config)
 from genssl.engine.distributed import DistInfo, any_rank
 from genssl.engine.lars import adapts, apply_lars
 from genssl.engine.metrics import MetricsLogger, peak_memory_gb
@@ -192,6 +193,13 @@ def fit(cfg: TrainConfig, dist: DistInfo, student: nn.Module, objective: nn.Modu
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ds_config = deepspeed_config(cfg, dist, deepspeed_config_file)
+    ckpt = CheckpointManager(run_dir, cfg.ckpt.keep_last, dist)
+    tag = ckpt.latest() if cfg.ckpt.resume else None
+    if not cfg.ckpt.resume:
+        ckpt.set_aside()
+    if tag is not None and ckpt.needs_universal(tag):
+        ckpt.to_universal(tag)  # written at another world size: DeepSpeed re-partitions its universal form
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     if dist.world_size > 1 and has_batchnorm(student):
         student = convert_sync_batchnorm(student, dist.device)  # keeps parameter objects: late_params stay valid
         objective = convert_sync_batchnorm(objective, dist.device)
@@ -217,15 +225,12 @@ def fit(cfg: TrainConfig, dist: DistInfo, student: nn.Module, objective: nn.Modu
     momentum_sched = cosine_schedule(cfg.ema.momentum, cfg.ema.momentum_end, total_steps)
     late_until = cfg.optim.freeze_last_layer_epochs * steps_per_epoch
 
-    ckpt = CheckpointManager(run_dir, cfg.ckpt.keep_last, dist)
     identity = run_identity(cfg, training_only=True)  # what a checkpoint must match to be resumed
     start_step = 0
-    tag = ckpt.latest() if cfg.ckpt.resume else None
-    if not cfg.ckpt.resume:
-        ckpt.set_aside()
     if tag is not None:
         client_state, rank_state = ckpt.load(engine, tag)
-        differences = run_differences(client_state.get("run_identity"), cfg, training_only=True)
+        stored = identity_at_world_size(client_state.get("run_identity"), cfg, ckpt.world_size_of(tag), dist.world_size)
+        differences = run_differences(stored, cfg, training_only=True)
         if differences:
             length = ("The lr, weight-decay and EMA-momentum schedules span all epochs of a run, so its number of "
                       "epochs cannot change once it has started. " if any(d.startswith("epochs:") for d in differences) else "")
@@ -234,10 +239,16 @@ def fit(cfg: TrainConfig, dist: DistInfo, student: nn.Module, objective: nn.Modu
                               f"with (recorded in {run_dir / 'config.yaml'}); to start a new run, choose a new out= "
                               "(or ckpt.resume=false to train from scratch here)")
         objective.load_state_dict(client_state["objective"])
-        set_rng_state(rank_state["rng"])
         start_step = client_state["global_step"]
+        if rank_state is not None:
+            set_rng_state(rank_state["rng"])
+        else:  # another world size: no writing rank's RNG streams belong to this rank; start them afresh
+            seed_rng(cfg.seed, start_step, dist.rank)
         if dist.is_main:
-            print(f"resumed from {ckpt.dir / tag} at step {start_step}/{total_steps}", flush=True)
+            resized = "" if rank_state is not None else (
+                f" (written by {ckpt.world_size_of(tag)} ranks, resumed on {dist.world_size}: the same global batch of "
+                f"{global_batch} and data position; random augmentations from here on are drawn afresh)")
+            print(f"resumed from {ckpt.dir / tag} at step {start_step}/{total_steps}{resized}", flush=True)
     if dist.is_main:  # after the resume check: a refused start leaves the run's own config.yaml
         write_config(cfg, run_dir / "config.yaml")
 

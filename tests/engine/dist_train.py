@@ -5,11 +5,15 @@ Run under torchrun / the deepspeed launcher / plain python:
 Uses synthetic multi-crop data (a pure function of (seed, sample index)), so a run on W ranks with
 batch B sees the same samples per step as a run on 1 rank with batch W*B. Writes DIR/teacher.pt.
 Extra key ``nan_at_step=K`` makes the loss non-finite at global step K (tests the skip/stop path).
+The environment variable ``GENSSL_TEST_EXIT_AT_STEP=K`` ends every rank abruptly (exit 17, no
+clean-up) when step K+1 is about to be computed: a crash after K steps that leaves the config alone,
+so the rerun is the same run (resume tests).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 
@@ -38,6 +42,8 @@ class NaNInjectingObjective(DINOObjective):
         self.nan_at_step, self.step_sleep = nan_at_step, step_sleep
 
     def training_loss(self, engine, batch, progress):
+        if progress.global_step == int(os.environ.get("GENSSL_TEST_EXIT_AT_STEP", -1)):
+            os._exit(17)
         time.sleep(self.step_sleep)
         loss, terms = super().training_loss(engine, batch, progress)
         if progress.global_step == self.nan_at_step:

@@ -1,6 +1,6 @@
 """Checkpoints load without running pickle: RNG states round-trip as tensors, DeepSpeed's files load
 with ``weights_only=True`` and the allow-list (ZeRO 0, 1, 3; bf16 ZeRO 0, 1), and a planted pickle is refused
-before it runs (engine/checkpoint.py, docs/ENGINE.md *What is pickled*).
+before it runs, also before DeepSpeed's universal-checkpoint converter (which unpickles in full) sees it (engine/checkpoint.py, docs/ENGINE.md *What is pickled*).
 
 The DeepSpeed part runs in a fresh process (``python tests/engine/test_checkpoint_safety.py DIR``), a
 world of one on the CPU, so the test session's own process never initialises torch.distributed.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,9 @@ def _worker(out: Path) -> None:
     run = out / "zero1_bf16"  # the last engine's own run
     folder = run / "checkpoints" / "step00000003"
     ckpt = CheckpointManager(run, keep_last=2, dist=dist)
+    ckpt.to_universal("step00000003")  # what a resume at another world size does first
+    assert (folder / "universal" / "COMPLETE").is_file() and any((folder / "universal" / "zero").iterdir())
+    print("CONVERTED", run.name, flush=True)
     extra = folder / "rank00000_extra.pt"
     torch.save({"rng": _Planted(str(out / "ran_from_rank_file"))}, extra)
     try:
@@ -99,6 +103,12 @@ def _worker(out: Path) -> None:
         raise AssertionError("a planted DeepSpeed file was loaded")
     except ValueError as e:
         print("REFUSED", e, flush=True)
+    shutil.rmtree(folder / "universal")
+    try:  # DeepSpeed's converter unpickles in full: the check must come first
+        ckpt.to_universal("step00000003")
+        raise AssertionError("a planted DeepSpeed file was converted")
+    except ValueError as e:
+        print("REFUSED", e, flush=True)
 
 
 @pytest.mark.slow
@@ -113,10 +123,12 @@ def test_deepspeed_checkpoints_load_weights_only_and_planted_pickles_are_refused
         "zero0", "zero1", "zero3", "zero0_bf16", "zero1_bf16"]
     # the planted objects never ran, and each refusal names the file, what it held and the fix
     assert not (tmp_path / "ran_from_rank_file").exists() and not (tmp_path / "ran_from_deepspeed_file").exists()
+    assert "CONVERTED zero1_bf16" in out  # DeepSpeed's universal form of a bf16 ZeRO-1 checkpoint
     refused = [line for line in out.splitlines() if line.startswith("REFUSED")]
-    assert len(refused) == 2
+    assert len(refused) == 3
     assert "rank00000_extra.pt holds a pickled posix.mkdir" in refused[0]
     assert "step00000003 holds a pickled posix.mkdir" in refused[1]
+    assert "model_states.pt holds a pickled posix.mkdir" in refused[2]
     assert all("new out=" in line and "ckpt.resume=false" in line for line in refused)
 
 

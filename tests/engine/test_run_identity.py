@@ -89,6 +89,17 @@ def _train(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+def test_a_stage_finished_on_other_ranks_counts_at_the_same_global_batch(tmp_path: Path) -> None:
+    stage = tmp_path / "dino"
+    stage.mkdir()
+    four_ranks = DistInfo(rank=0, world_size=4, local_rank=0, device=torch.device("cpu"))
+    mark_finished(stage, gensis("batch_size=8"), {"knn_top1": 12.5}, four_ranks, started=0.0)
+    assert finished(stage, gensis("batch_size=32"), CPU)["result"] == {"knn_top1": 12.5}  # 4 x 8 = 1 x 32
+    with pytest.raises(ConfigError) as err:
+        finished(stage, gensis("batch_size=8"), CPU)
+    assert "global batch of 32 (8 per rank x 4 ranks)" in str(err.value) and "batch_size=32" in str(err.value)
+
+
 def test_resume_accepts_a_moved_run_and_refuses_other_epochs(tmp_path: Path) -> None:
     first = _train(f"out={tmp_path / 'run'}")
     assert first.returncode == 0, first.stderr[-3000:]

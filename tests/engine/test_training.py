@@ -146,6 +146,42 @@ def test_sigkill_then_resume_gives_the_same_losses(reference: Path, tmp_path: Pa
     assert len(tags) <= 2 and tags[-1] == "step00000024"  # keep_last=2
 
 
+@pytest.mark.parametrize("stage, before, after", [(3, 2, 1), (3, 1, 2), (0, 2, 1), (1, 2, 1), (2, 1, 2)])
+def test_resume_at_another_world_size(reference: Path, tmp_path: Path, stage: int, before: int, after: int) -> None:
+    """A checkpoint of ``before`` ranks resumes on ``after`` ranks at the same global batch (4). ZeRO-3
+    goes through DeepSpeed's universal form (the optimizer state re-partitioned); ZeRO-0 fp32 loads as
+    it is. Losses and teacher equal the uninterrupted single process: the same data position, no
+    sample of the epoch lost or seen twice, the optimizer state intact."""
+    def command(world: int) -> list[str]:
+        keys = [f"out={tmp_path}", f"zero_stage={stage}", f"batch_size={4 // world}", "ckpt.every_steps=4"]
+        return _torchrun(world, *keys) if world > 1 else [sys.executable, SCRIPT, *keys]
+
+    crashed = subprocess.run(command(before), env={**launch_env(), "GENSSL_TEST_EXIT_AT_STEP": "10"},
+                             capture_output=True, text=True, timeout=300)
+    assert crashed.returncode != 0 and (tmp_path / "checkpoints" / "step00000008" / "COMPLETE").is_file(), crashed.stderr[-3000:]
+    resumed = _run(command(after))
+    printed = resumed.stdout + resumed.stderr
+    assert f"written by {before} ranks, resumed on {after}" in printed
+    assert ("to DeepSpeed's universal checkpoint" in printed) == (stage > 0)
+    ref, got = _losses(reference), _losses(tmp_path)
+    assert sorted(got) == list(range(1, 25)), "metrics.jsonl must hold each step once after resume"
+    for step in ref:
+        assert abs(ref[step] - got[step]) < TOL, (step, ref[step], got[step])
+    _assert_same_teacher(_teacher(reference), _teacher(tmp_path))
+    if after > 1:
+        _assert_same_teacher(_teacher(reference), torch.load(tmp_path / "teacher_rank1.pt", weights_only=False))
+
+
+def test_resume_at_another_world_size_needs_the_same_global_batch(reference: Path, tmp_path: Path) -> None:
+    keys = [f"out={tmp_path}", "zero_stage=2", "ckpt.every_steps=4"]
+    subprocess.run(_torchrun(2, *keys, "batch_size=2"), env={**launch_env(), "GENSSL_TEST_EXIT_AT_STEP": "5"},
+                   capture_output=True, timeout=300)
+    refused = subprocess.run([sys.executable, SCRIPT, *keys, "batch_size=2"], env=launch_env(), capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode != 0
+    assert "global batch of 4 (2 per rank x 2 ranks)" in refused.stderr and "resume with batch_size=4" in refused.stderr
+
+
 def test_two_nodes_one_process_each_with_torchrun(reference: Path, tmp_path: Path) -> None:
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={r}",
