@@ -1,4 +1,4 @@
-"""builtin:shapes generation and resolve_data."""
+"""builtin:shapes and builtin:textures generation and resolve_data."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from genssl.data.builtin import CLASSES, ensure_builtin_shapes, resolve_data
+from genssl.data.builtin import CLASSES, TEXTURE_CLASSES, ensure_builtin, ensure_builtin_shapes, resolve_data
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -33,6 +33,17 @@ def test_shapes_written_once(tmp_path):
     assert resolve_data("builtin:shapes?size=16&per_class=1&val_per_class=0&seed=0", tmp_path).val is None
 
 
+def test_textures_are_their_own_deterministic_set(tmp_path):
+    a = ensure_builtin("textures", tmp_path, seed=1, n_train=2, n_val=1, size=32)
+    again = ensure_builtin("textures", tmp_path / "other", seed=1, n_train=2, n_val=1, size=32)
+    assert _files(a) == _files(again) and len(_files(a)) == len(TEXTURE_CLASSES) * 3
+    assert sorted(p.name for p in (a / "train").iterdir()) == sorted(TEXTURE_CLASSES) and len(set(TEXTURE_CLASSES)) == 12
+    shapes = ensure_builtin("shapes", tmp_path, seed=1, n_train=2, n_val=1, size=32)
+    assert shapes != a and a.name.startswith("textures-")
+    splits = resolve_data("builtin:textures?size=32&per_class=2&val_per_class=1&seed=1", tmp_path)
+    assert splits.train == a / "train" and splits.val == a / "val"
+
+
 def test_resolve_data_folders(tmp_path):
     (tmp_path / "ds" / "train").mkdir(parents=True)
     assert resolve_data(tmp_path / "ds").train == tmp_path / "ds" / "train"
@@ -43,7 +54,8 @@ def test_resolve_data_folders(tmp_path):
 
 
 @pytest.mark.parametrize("spec, match", [
-    ("builtin:cifar", "builtin:shapes"),
+    ("builtin:cifar", "builtin:shapes, builtin:textures"),
+    ("builtin:textures?per_class=x", "builtin:textures option per_class"),
     ("builtin:shapes?colour=3", "unknown builtin:shapes option"),
     ("builtin:shapes?size=big", "must be an integer"),
     ("/no/such/folder", "neither an existing folder"),
