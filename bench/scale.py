@@ -154,7 +154,8 @@ def index_from_listing(root: Path, cache: Path, rels: list[str], stat_files: boo
     blob, offsets = encode_rel(rels)
     columns = {"rel": blob, "rel_offsets": offsets, "status": np.full(n, OK, np.uint8), "labels": labels,
                "sizes": np.full((n, 2), 16, np.int32), "src_stats": stats, "read_stats": stats, "sha256": sha}
-    header = {"root": str(root.resolve()), "kind": "imagefolder", "classes": classes, "n": n, "n_ok": n,
+    header = {"root": str(root.resolve()), "kind": "imagefolder", "base": str(root.resolve()), "shards": [],
+              "classes": classes, "n": n, "n_ok": n,
               "fingerprint": _fingerprint(classes, ((r, int(y), s.tobytes().hex()) for r, y, s in zip(rels, labels, sha))),
               "pre_quarantine": [], "reasons": [], "ignored": {}, "built_ns": time.time_ns()}
     work = index_cache_dir(root, cache)

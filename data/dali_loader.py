@@ -25,10 +25,12 @@ CPU otherwise).
 Files that changed after indexing. DALI fails the whole pipeline (and the run) on one undecodable
 file, so `FileReader` checks every file before its bytes go to DALI: its size and mtime against the
 index (``DatasetIndex.file_stats``) and a cheap header/trailer test (JPEG start and end-of-image
-markers, PNG signature and IEND chunk). A file that was deleted, truncated, replaced or cannot be read
-is skipped: the sample takes the bytes of the next sample of the batch (cyclically) whose file is
-fine, and its index becomes that sample's (the batch is honest about what it holds); the crop
-parameters are drawn after this choice, from the substitute's size. That is deterministic given the
+markers, PNG signature and IEND chunk). A WebDataset member is read in place (its byte range of its
+shard, `genssl.data.index.sample_location`) and checked the same way, against its shard's size and
+mtime. A file that was deleted, truncated, replaced or cannot be read is skipped: the sample takes
+the bytes of the next sample of the batch (cyclically) whose file is fine, and its index becomes
+that sample's (the batch is honest about what it holds); the crop parameters are drawn after this
+choice, from the substitute's size. That is deterministic given the
 same damage: a batch stays a pure function of (seed, epoch, rank, step) and of which files are
 broken. Each such file is reported once per run (a warning, and an entry in ``read_errors.json``
 next to the index's ``quarantine.json``; the next ``build_index`` re-validates and quarantines it),
@@ -62,7 +64,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from genssl.data.augment import (P_BRIGHT, P_CONTRAST, P_FLIP, P_HUE, P_SAT, P_SIGMA, P_SOLAR, P_X0,
                                  P_X1, P_Y0, P_Y1, MultiCropSpec, sample_multicrop_params)
-from genssl.data.index import READ_ERRORS_FILE, DatasetIndex
+from genssl.data.index import READ_ERRORS_FILE, DatasetIndex, sample_location
 from genssl.data.sampler import EpochLoader, rank_batches
 
 NO_BLUR_SIGMA = 1e-3  # a 3-tap kernel whose side weights underflow to 0: exactly the identity
@@ -177,10 +179,13 @@ def image_bytes_problem(data: np.ndarray) -> str | None:
 class FileReader:
     """File bytes of indexed samples for DALI, checked first (module docstring, "Files that changed
     after indexing"). ``paths[i]`` a str or bytes path, ``stats`` ``[N, 2]`` (bytes, mtime_ns) or None
-    (header test only). Picklable."""
+    (header test only); ``ranges``/``shards`` as in `DatasetIndex` (WebDataset members read in place:
+    the stats are the shard's, so a member of a shard changed since indexing is skipped). Picklable."""
 
-    def __init__(self, paths, stats: np.ndarray | None, report: ProblemReport | None) -> None:
+    def __init__(self, paths, stats: np.ndarray | None, report: ProblemReport | None,
+                 ranges: np.ndarray | None = None, shards: Sequence[str] = ()) -> None:
         self.paths, self.stats, self.report = paths, stats, report
+        self.ranges, self.shards = ranges, shards
 
     @classmethod
     def for_index(cls, index: DatasetIndex, paths=None, since_ns: int | None = None) -> "FileReader":
@@ -188,23 +193,29 @@ class FileReader:
         ``read_errors.json`` beside its ``quarantine.json``."""
         where = Path(index.report).with_name(READ_ERRORS_FILE) if index.report is not None else None
         report = ProblemReport(where, "files", "path", {"root": str(index.root)}, since_ns)
-        return cls(index.paths if paths is None else paths, index.file_stats, report)
+        return cls(index.paths if paths is None else paths, index.file_stats, report, index.ranges, index.shards)
 
     def read(self, i: int) -> tuple[np.ndarray | None, str | None]:
         """``(bytes, None)``, or ``(None, why)`` when file ``i`` must not be decoded."""
+        path, offset, length = sample_location(self.paths, self.ranges, self.shards, i)
+        file, whose = ("it", "its") if length < 0 else ("its shard", "its shard's")
         try:
-            with open(self.paths[i], "rb") as f:
+            with open(path, "rb") as f:
                 if self.stats is not None and self.stats[i, 0] >= 0:
                     st, (size, mtime) = os.fstat(f.fileno()), self.stats[i]
                     if st.st_size != size:
-                        return None, f"its size changed since indexing ({size} -> {st.st_size} bytes): truncated or replaced"
+                        return None, f"{whose} size changed since indexing ({size} -> {st.st_size} bytes): truncated or replaced"
                     if st.st_mtime_ns != mtime:
-                        return None, "it was modified since indexing (mtime changed): replaced or rewritten"
-                data = np.fromfile(f, dtype=np.uint8)
+                        return None, f"{file} was modified since indexing (mtime changed): replaced or rewritten"
+                if length >= 0:
+                    f.seek(offset)
+                data = np.fromfile(f, dtype=np.uint8, count=length)
         except FileNotFoundError:
-            return None, "it was deleted since indexing"
+            return None, f"{file} was deleted since indexing"
         except OSError as exc:
-            return None, f"it cannot be read ({exc.strerror or exc})"
+            return None, f"{file} cannot be read ({exc.strerror or exc})"
+        if length >= 0 and len(data) != length:
+            return None, f"its shard ends inside it ({len(data)} of {length} bytes): truncated"
         why = image_bytes_problem(data)
         return (None, why) if why else (data, None)
 

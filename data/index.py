@@ -13,10 +13,19 @@ slice, rank 0 merges and publishes) coordinate through atomically renamed marker
 progress timeout, never ``flock``, so the cache may sit on NFS/Lustre shared by nodes (docs/DATA.md).
 
 Layouts: ImageFolder (class subfolders -> labels by sorted class name), a flat folder (labels -1),
-or WebDataset shards (``*.tar`` with ``<key>.jpg|jpeg|png`` and optional ``<key>.cls``), which are
-extracted once into the cache and then indexed like files. An ImageFolder val split is labelled
-with the train split's class list (``classes=``): labels are class *names*, so a val/ that lacks a
-class keeps every other label right. WebDataset ``.cls`` integers are used as written.
+or WebDataset shards (uncompressed ``*.tar`` with ``<key>.jpg|jpeg|png`` and optional ``<key>.cls``).
+An ImageFolder val split is labelled with the train split's class list (``classes=``): labels are
+class *names*, so a val/ that lacks a class keeps every other label right. WebDataset ``.cls``
+integers are used as written.
+
+WebDataset shards are read in place, never extracted. Listing a shard reads only its member
+headers (and the small ``.cls`` members): each image member's byte range in the shard (``ranges``:
+shard, offset, length) is recorded, validation reads those bytes, and so do the loaders. A member's
+``paths[i]`` is ``<folder of the shards>/<shard>.tar/<member>``, like a file's ``<root>/<rel>``: a
+name for messages and ``read_errors.json``, not a file; `sample_location` says where its bytes are, and
+`read_sample_bytes` reads them. A member's ``file_stats`` are its shard's (size, mtime). A member
+DALI cannot decode as is gets a converted copy like a file (its range is then (-1, -1, -1) and
+``paths[i]`` the copy). The ``extracted/`` folder of an older cache is deleted by the next build.
 
 Images over ``max_pixels`` (default `MAX_PIXELS`, PIL's decompression-bomb threshold) are quarantined
 from their header alone, before anything is decoded.
@@ -66,15 +75,20 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from genssl.data.index_columns import (BAD, CONVERTED, CONVERTED_SUFFIX, OK, SCHEMA, TOO_LARGE, Generation, PathColumn,
-                                       RankFailed, RunDir, atomic_write, current_generation, encode_rel, prune_runs,
-                                       write_generation)
+from genssl.data.index_columns import (BAD, CONVERTED, CONVERTED_SUFFIX, OK, SCHEMA, TOO_LARGE, UPGRADABLE, Generation,
+                                       PathColumn, RankFailed, RunDir, atomic_write, current_generation, encode_rel,
+                                       prune_runs, write_generation)
 
 log = logging.getLogger("genssl.data")
 
-INDEX_VERSION = SCHEMA  # 2: memory-mapped columns (index_columns.py); 1 was index.json
+INDEX_VERSION = SCHEMA  # 3: memory-mapped columns with WebDataset ranges (index_columns.py); 1 was index.json
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm"}
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png")  # preference order when a key has several
+# Shards whose members cannot be read in place: name suffix -> (compression, the command that undoes it)
+COMPRESSED_SHARDS = {".tar.gz": ("gzip", "gunzip"), ".tgz": ("gzip", "gunzip"), ".tar.bz2": ("bzip2", "bunzip2"),
+                     ".tar.xz": ("xz", "unxz"), ".tar.zst": ("zstd", "unzstd")}
+# the first bytes of a file compressed that way (a mis-named .tar)
+COMPRESSION_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 READ_ERRORS_FILE = "read_errors.json"  # files the loaders could not use at read time (FileReader)
 RACY_NS = 2_000_000_000  # files modified this close to the last build are re-hashed (like git's racy-clean)
 # Largest image (width x height) the index accepts: PIL's default decompression-bomb threshold
@@ -96,11 +110,13 @@ def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 @dataclass
 class DatasetIndex:
     """A validated dataset. Sample ``i`` is ``paths[i]`` (the file to decode: the original, or its
-    converted copy in the cache), originally ``source_paths[i]`` (relative to ``root``; for
-    WebDataset ``<shard>.tar/<member>``), of ``sizes[i] = (width, height)`` pixels, with
-    ``labels[i]`` (-1 when unlabelled) indexing ``classes``. From `build_index` the sequences are
-    memory-mapped and read-only (``paths``/``source_paths`` are `PathColumn` s, decoded per access);
-    lists and plain arrays work too (`subset`)."""
+    converted copy in the cache; for a WebDataset member read in place ``<shard>.tar/<member>``
+    below the shards' folder, its bytes being ``ranges[i]`` of ``shards[ranges[i, 0]]``: read them
+    with `read_sample_bytes`), originally ``source_paths[i]`` (relative to ``root``; for WebDataset
+    ``<shard>.tar/<member>``), of ``sizes[i] = (width, height)`` pixels, with ``labels[i]`` (-1 when
+    unlabelled) indexing ``classes``. From `build_index` the sequences are memory-mapped and
+    read-only (``paths``/``source_paths`` are `PathColumn` s, decoded per access); lists and plain
+    arrays work too (`subset`)."""
 
     root: Path
     paths: Sequence[str]
@@ -111,19 +127,45 @@ class DatasetIndex:
     fingerprint: str
     quarantine: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
     report: Path | None = None  # quarantine.json
-    file_stats: np.ndarray | None = None  # [N, 2] int64 (bytes, mtime_ns) of paths[i] when indexed; None = unknown
+    # [N, 2] int64 (bytes, mtime_ns) of the file read for sample i (a member's: its shard's) when indexed; None = unknown
+    file_stats: np.ndarray | None = None
+    # [N, 3] int64 (shard, offset, length) of a WebDataset member read in place, (-1, -1, -1) for a file;
+    # None = every sample is a file (folders)
+    ranges: np.ndarray | None = None
+    shards: list[str] = field(default_factory=list)  # the shard files that ranges[:, 0] numbers
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def subset(self, rows: np.ndarray, **changes) -> "DatasetIndex":
         """Samples ``rows`` (in that order) as an index of their own: every per-sample column follows
-        ``rows`` (``file_stats`` too: the read checks compare each file with its own record);
-        ``changes`` replace other fields (e.g. ``fingerprint``)."""
+        ``rows`` (``file_stats`` and ``ranges`` too: the read checks compare each file with its own
+        record, and read each member from its own range); ``changes`` replace other fields (e.g.
+        ``fingerprint``)."""
         rows = np.asarray(rows, dtype=np.int64)
         stats = None if self.file_stats is None else self.file_stats[rows]
+        ranges = None if self.ranges is None else self.ranges[rows]
         return dataclasses.replace(self, paths=[self.paths[i] for i in rows], source_paths=[self.source_paths[i] for i in rows],
-                                   sizes=self.sizes[rows], labels=self.labels[rows], file_stats=stats, **changes)
+                                   sizes=self.sizes[rows], labels=self.labels[rows], file_stats=stats, ranges=ranges,
+                                   **changes)
+
+
+def sample_location(paths: Sequence, ranges: np.ndarray | None, shards: Sequence[str],
+                    i: int) -> tuple[str | bytes, int, int]:
+    """Where sample ``i``'s encoded image is: ``(file, offset, length)``, length -1 = the whole file
+    (``paths[i]``); a WebDataset member read in place is ``length`` bytes at ``offset`` of its shard."""
+    if ranges is not None:
+        shard, offset, length = (int(v) for v in ranges[i])
+        if shard >= 0:
+            return shards[shard], offset, length
+    return paths[i], 0, -1
+
+
+def read_sample_bytes(index: DatasetIndex, i: int) -> bytes:
+    """The encoded image of sample ``i`` (file or WebDataset member), unchecked: for readers that decode
+    with PIL (the torch baseline loader, image-variation embeddings). The DALI loaders read through
+    `genssl.data.dali_loader.FileReader`, which checks the bytes first."""
+    return _read_bytes(*sample_location(index.paths, index.ranges, index.shards, i))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,9 +174,17 @@ class DatasetIndex:
 
 @dataclass(slots=True)
 class _Candidate:
-    rel: str  # relative to root, '/'-separated
-    path: str  # file on disk (for WebDataset: the extracted member)
+    rel: str  # relative to the layout's base folder (_Found.base), '/'-separated
+    path: str  # file on disk (for a WebDataset member: its shard)
     label: int
+    shard: int = -1  # a WebDataset member: its shard's number in _Found.shards, its bytes' offset and length
+    offset: int = -1
+    length: int = -1
+
+    @property
+    def span(self) -> tuple[int, ...]:
+        """`_read_bytes` arguments after the path: () for a whole file, (offset, length) for a member."""
+        return () if self.shard < 0 else (self.offset, self.length)
 
 
 @dataclass
@@ -143,7 +193,10 @@ class _Found:
     candidates: list[_Candidate]
     classes: list[str]
     ignored: Counter  # extension -> count of files that are not images
+    base: Path  # the folder candidates' rel are relative to (the root, or a single shard's folder)
     quarantine: list[tuple[str, str]] = field(default_factory=list)  # problems found before decoding
+    shards: list[str] = field(default_factory=list)  # WebDataset: shard file names in base
+    shard_stats: list[tuple[int, int]] = field(default_factory=list)  # their (bytes, mtime_ns) when listed
 
 
 def _visible(name: str) -> bool:
@@ -231,11 +284,13 @@ def _is_image(path: str | Path) -> bool:
     return _suffix(path) in IMAGE_EXTS
 
 
-def _discover(root: Path, work: Path, guard: _Guard) -> _Found:
+def _discover(root: Path, guard: _Guard) -> _Found:
     if root.is_file():
+        if root.name.lower().endswith(tuple(COMPRESSED_SHARDS)):
+            raise ValueError(_compressed_shards_message(root.parent, [root.name]))
         if root.suffix.lower() != ".tar":
             raise ValueError(f"{root} is a file; pass a folder of images (ImageFolder or flat) or a WebDataset .tar shard")
-        return _discover_webdataset(root.parent, [root], work)
+        return _discover_webdataset(root.parent, [root])
     try:
         listing = list(os.scandir(root))
     except OSError as exc:
@@ -245,10 +300,13 @@ def _discover(root: Path, work: Path, guard: _Guard) -> _Found:
                      key=lambda e: e.name)
     top_images = [Path(e.path) for e in entries if e.is_file() and _is_image(Path(e.name))]
     shards = [Path(e.path) for e in entries if e.is_file() and e.name.lower().endswith(".tar")]
+    packed = [e.name for e in entries if e.is_file() and e.name.lower().endswith(tuple(COMPRESSED_SHARDS))]
     subdirs = [Path(e.path) for e in entries if e.is_dir()]
     ignored: Counter = Counter()
+    if not top_images and not subdirs and packed:  # never leave part of the shards out in silence
+        raise ValueError(_compressed_shards_message(root, packed))
     if not top_images and not subdirs and shards:
-        found = _discover_webdataset(root, shards, work)
+        found = _discover_webdataset(root, shards)
         return dataclasses.replace(found, quarantine=guard.quarantine + found.quarantine)
     cut = len(os.path.join(root, ""))  # the walk's paths start with the root and a separator
     if top_images:  # flat folder (recursive), unlabelled
@@ -258,7 +316,7 @@ def _discover(root: Path, work: Path, guard: _Guard) -> _Found:
                 cands.append(_Candidate(p[cut:], p, -1))
             else:
                 ignored[_suffix(p) or "(no extension)"] += 1
-        return _Found("flat", cands, [], ignored, guard.quarantine)
+        return _Found("flat", cands, [], ignored, root, guard.quarantine)
     classes, cands = [], []
     for d in subdirs:
         files = list(_walk_files(d, guard))
@@ -273,7 +331,7 @@ def _discover(root: Path, work: Path, guard: _Guard) -> _Found:
     for e in entries:
         if e.is_file():
             ignored[Path(e.name).suffix.lower() or "(no extension)"] += 1
-    return _Found("imagefolder", cands, classes, ignored, guard.quarantine)
+    return _Found("imagefolder", cands, classes, ignored, root, guard.quarantine)
 
 
 _SAFE_MEMBER = re.compile(r"^[^/\\][^\\]*$")
@@ -286,92 +344,126 @@ def _split_key(member: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), ext.lower()
 
 
-def _extract_shard(shard: Path, dest: Path) -> list[tuple[str, str]]:
-    """Extract a shard's image and .cls members into ``dest`` (atomically: temp dir + rename).
+def _compressed_shards_message(folder: Path, names: list[str]) -> str:
+    tools = sorted({tool for name in names for suffix, (_, tool) in COMPRESSED_SHARDS.items()
+                    if name.lower().endswith(suffix)})
+    shown = ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
+    return (f"WebDataset shards in {folder} are compressed ({shown}): genssl reads each image in place from its "
+            f"shard, which needs uncompressed .tar shards (what WebDataset's writers produce by default). "
+            f"Decompress them ({' / '.join(tools)}: x.tar.gz becomes x.tar) and remove the compressed files")
 
-    Returns shard-level problems (truncated shard, unsafe member names) as quarantine entries; they
-    are stored in the marker file so cached runs still report them.
-    """
-    marker = dest / ".extracted.json"
-    st = shard.stat()
-    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    if marker.exists():
-        with contextlib.suppress(ValueError, OSError):
-            info = json.loads(marker.read_text())
-            if info.get("stamp") == stamp:
-                return [tuple(q) for q in info.get("quarantine", [])]
-    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    problems: list[tuple[str, str]] = []
-    keep = set(WDS_IMAGE_EXTS) | {"cls"} | {e[1:] for e in IMAGE_EXTS}
+
+@dataclass
+class _Shard:
+    """One shard's listing: image and ``.cls`` member headers grouped by key (no image byte read), the
+    ``.cls`` contents, the shard's (bytes, mtime_ns) as listed, and problems (quarantine entries)."""
+
+    members: dict[str, dict[str, tarfile.TarInfo]] = field(default_factory=dict)
+    labels: dict[str, bytes] = field(default_factory=dict)
+    stat: tuple[int, int] = (-1, -1)
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _list_shard(shard: Path) -> _Shard:
+    """Walk a shard's member headers (tarfile seeks over the data); read only the small ``.cls`` members.
+
+    A member whose data runs past the end of the file, or any tar error, ends the listing: the shard
+    is reported as truncated and the members before the damage are kept. A compressed shard is
+    reported with the command that makes it readable in place."""
+    out = _Shard()
+    keep = set(WDS_IMAGE_EXTS) | {e[1:] for e in IMAGE_EXTS}
     try:
-        with tarfile.open(shard, "r:*") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                if not _SAFE_MEMBER.match(m.name) or ".." in m.name.split("/"):
-                    problems.append((f"{shard.name}/{m.name}", "unsafe member path (absolute or '..'), skipped"))
-                    continue
-                if _split_key(m.name)[1] not in keep:
-                    continue
-                target = tmp / m.name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                src = tf.extractfile(m)
-                assert src is not None
-                target.write_bytes(src.read())
+        with open(shard, "rb") as f:
+            st = os.fstat(f.fileno())
+            out.stat = (st.st_size, st.st_mtime_ns)
+            try:
+                tf = tarfile.open(fileobj=f, mode="r:")
+            except tarfile.ReadError:
+                f.seek(0)
+                head = f.read(8)
+                packed = next((name for magic, name in COMPRESSION_MAGIC.items() if head.startswith(magic)), None)
+                if packed is None:
+                    raise
+                tool = next(t for c, t in COMPRESSED_SHARDS.values() if c == packed)
+                out.problems.append((shard.name, f"{packed}-compressed, although named .tar: its images cannot be read "
+                                                 f"in place; decompress it ({tool}) into a plain .tar shard"))
+                return out
+            with tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    if not _SAFE_MEMBER.match(m.name) or ".." in m.name.split("/"):
+                        out.problems.append((f"{shard.name}/{m.name}", "unsafe member path (absolute or '..'), skipped"))
+                        continue
+                    if m.offset_data + m.size > out.stat[0]:
+                        out.problems.append((shard.name, (
+                            f"shard unreadable past some point (truncated: member {m.name} ends at byte "
+                            f"{m.offset_data + m.size}, the file at {out.stat[0]}); members before it kept")))
+                        break
+                    if not _visible(m.name.rpartition("/")[2]):
+                        continue  # as a folder walk, and DALI's WebDataset reader, skip hidden names
+                    key, ext = _split_key(m.name)
+                    if ext == "cls":
+                        src = tf.extractfile(m)
+                        assert src is not None
+                        out.labels[key] = src.read()
+                    elif ext in keep:
+                        out.members.setdefault(key, {})[ext] = m
     except (tarfile.TarError, EOFError, OSError) as exc:
-        problems.append((shard.name, f"shard unreadable past some point ({type(exc).__name__}: {exc}); members before it kept"))
-    (tmp / ".extracted.json").write_text(json.dumps({"stamp": stamp, "quarantine": problems}))
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
-    return problems
+        out.problems.append((shard.name, f"shard unreadable past some point ({type(exc).__name__}: {exc}); members before it kept"))
+    return out
 
 
-def _discover_webdataset(root: Path, shards: list[Path], work: Path) -> _Found:
+def _discover_webdataset(base: Path, shards: list[Path]) -> _Found:
+    """Every image member of ``shards`` (files in ``base``) as a candidate read in place: its shard, offset and length."""
     cands: list[_Candidate] = []
     problems: list[tuple[str, str]] = []
-    ignored: Counter = Counter()
+    stats: list[tuple[int, int]] = []
     labelled = False
-    for shard in shards:
-        dest = work / "extracted" / shard.name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        problems += _extract_shard(shard, dest)
-        members: dict[str, dict[str, str]] = {}
-        cut = len(os.path.join(dest, ""))
-        for p in _walk_files(dest):
-            key, ext = _split_key(p[cut:])
-            members.setdefault(key, {})[ext] = p
-        for key in sorted(members):
-            group = members[key]
-            exts = [e for e in WDS_IMAGE_EXTS if e in group] + sorted(e for e in group if e not in WDS_IMAGE_EXTS and e != "cls")
+    for number, shard in enumerate(shards):
+        listing = _list_shard(shard)
+        problems += listing.problems
+        stats.append(listing.stat)
+        for key in sorted(set(listing.members) | set(listing.labels)):
+            group = listing.members.get(key, {})
+            exts = [e for e in WDS_IMAGE_EXTS if e in group] + sorted(e for e in group if e not in WDS_IMAGE_EXTS)
             if not exts:
                 problems.append((f"{shard.name}/{key}", "no image member (.jpg/.jpeg/.png) for this key"))
                 continue
             label = -1
-            if "cls" in group:
+            if key in listing.labels:
                 try:
-                    label = int(Path(group["cls"]).read_text().strip())
+                    label = int(listing.labels[key].decode().strip())
                     labelled = True
                 except ValueError:
                     problems.append((f"{shard.name}/{key}.cls", "label is not an integer"))
                     continue
-            cands.append(_Candidate(f"{shard.name}/{key}.{exts[0]}", str(group[exts[0]]), label))
+            m = group[exts[0]]
+            cands.append(_Candidate(f"{shard.name}/{key}.{exts[0]}", str(shard), label, number, m.offset_data, m.size))
     if any(c.label < -1 for c in cands):
-        raise ValueError(f"WebDataset shards in {root} have negative .cls labels; labels must be 0..K-1")
+        raise ValueError(f"WebDataset shards in {base} have negative .cls labels; labels must be 0..K-1")
     n_classes = max((c.label for c in cands), default=-1) + 1
     classes = [str(i) for i in range(n_classes)] if labelled else []
-    return _Found("webdataset", cands, classes, ignored, problems)
+    return _Found("webdataset", cands, classes, Counter(), base, problems, [s.name for s in shards], stats)
 
 
 # ---------------------------------------------------------------------------------------------
 # validation
 
 
-def _read_bytes(path: str) -> bytes:
-    """A file's bytes: the one place validation reads a file (tests count the calls)."""
+def _read_bytes(path: str, offset: int = 0, length: int = -1) -> bytes:
+    """A file's bytes, or the ``length`` bytes at ``offset`` of it (a WebDataset member in its shard):
+    the one place this module reads an image, for validation and `read_sample_bytes` (tests count the
+    calls; validation reads a whole file with the path alone, ``_read_bytes(c.path, *c.span)``). A
+    range past the end of the file is an OSError."""
     with open(path, "rb") as f:
-        return f.read()
+        if length < 0:
+            return f.read()
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise OSError(f"{path} ends inside the member at bytes {offset}..{offset + length} (truncated since it was listed)")
+    return data
 
 
 def _jpeg_has_eoi(data: bytes) -> bool:
@@ -412,14 +504,22 @@ def _too_large_reason(w: int, h: int, max_pixels: int) -> str:
             "downscale it, or raise the limit (build_index(max_pixels=...), default genssl.data.index.MAX_PIXELS)")
 
 
-def _inspect(path: str, converted: str, max_pixels: int) -> dict:
-    """Read, hash and strictly decode one file; convert it into ``converted`` when DALI would not
-    read it as is. Returns the cache entry (``status`` ok | converted | bad). An image over
+def _inspect(path: str, converted: str, max_pixels: int, member: Sequence[int] = ()) -> dict:
+    """Read, hash and strictly decode one file, or one WebDataset member (``member`` = its offset,
+    length, and its shard's bytes and mtime_ns when listed); convert it into ``converted`` when DALI
+    would not read it as is. Returns the cache entry (``status`` ok | converted | bad). An image over
     ``max_pixels`` is rejected from its header (``too_large``, with its size), before decoding."""
     st = os.stat(path)
     entry: dict = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if member:
+        # the entry keeps the shard's stat of the listing that gave the offset: a shard rewritten since
+        # no longer matches it, so the next build lists it again instead of trusting stale offsets
+        entry = {"size": member[2], "mtime_ns": member[3]}
+        if (st.st_size, st.st_mtime_ns) != tuple(member[2:]):
+            return entry | {"status": "bad", "reason": "its shard changed while the index was built; build it again",
+                            "sha256": ""}
     try:
-        data = _read_bytes(path)
+        data = _read_bytes(path, *member[:2])
     except OSError as exc:
         return entry | {"status": "bad", "reason": f"unreadable: {exc}", "sha256": ""}
     entry["sha256"] = hashlib.sha256(data).hexdigest()
@@ -457,13 +557,13 @@ def _inspect(path: str, converted: str, max_pixels: int) -> dict:
     return entry | {"status": "converted", "reason": f"converted from {why}", "w": rgb.width, "h": rgb.height}
 
 
-def _inspect_strict(path: str, converted: str, max_pixels: int) -> dict:
+def _inspect_strict(path: str, converted: str, max_pixels: int, member: Sequence[int] = ()) -> dict:
     """`_inspect` with PIL's truncated-image leniency forced off and PIL's own size check off (both
     process-wide flags): `_inspect` applies ``max_pixels`` itself, so the limit is ours alone and a
     rejected file gets its size in the reason (PIL's check only warns, or raises before the size is known)."""
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     Image.MAX_IMAGE_PIXELS = None
-    return _inspect(path, converted, max_pixels)
+    return _inspect(path, converted, max_pixels, member)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,7 +572,7 @@ def _inspect_strict(path: str, converted: str, max_pixels: int) -> dict:
 POOL_MIN_FILES = 64  # fewer files than this are validated in this process (a pool costs ~1 s to start)
 
 
-def _inspect_chunk(args: list[tuple[str, str, int]]) -> list[dict]:
+def _inspect_chunk(args: list[tuple]) -> list[dict]:
     lenient, pil_limit = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
     try:
         return [_inspect_strict(*a) for a in args]
@@ -488,7 +588,7 @@ def default_workers() -> int:
     return max(1, min(cpus // max(1, per_node), 16))
 
 
-def _validate(args: list[tuple[str, str, int]], num_workers: int | None) -> list[dict]:
+def _validate(args: list[tuple], num_workers: int | None) -> list[dict]:
     workers = max(1, num_workers if num_workers is not None else default_workers())
     if workers == 1 or len(args) < POOL_MIN_FILES:
         return _inspect_chunk(args)
@@ -511,7 +611,7 @@ def _validate(args: list[tuple[str, str, int]], num_workers: int | None) -> list
 
 
 def index_cache_dir(folder: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where ``build_index`` keeps the index, report, converted copies and extracted shards."""
+    """Where ``build_index`` keeps the index, report and converted copies."""
     root = Path(folder).expanduser().resolve()
     key = hashlib.sha256(str(root).encode()).hexdigest()[:12]
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(root.parts[-2:]))[-60:]
@@ -532,11 +632,18 @@ class _Previous:
         self.entries: dict[str, dict] = {}
         self.rows: dict[str, int] = {}
         self.built_ns, self.legacy = 0, None
-        name = current_generation(work)
+        name = current_generation(work, (SCHEMA, *UPGRADABLE))
         if name is not None:
             with contextlib.suppress(OSError, ValueError, KeyError, AssertionError):
-                gen = Generation(work / name)
-                if gen.header.get("root") == str(root):
+                gen = Generation(work / name, (SCHEMA, *UPGRADABLE))
+                if gen.schema != SCHEMA and gen.header.get("kind") == "webdataset":
+                    # its rows describe copies extracted into the cache: every member is validated again
+                    log.warning("genssl.data: WebDataset shards are now read in place; validating the members of "
+                                "%s again once (the extracted copies in %s are deleted)", root, work / "extracted")
+                elif gen.header.get("root") == str(root):
+                    if gen.schema != SCHEMA:
+                        log.warning("genssl.data: upgrading the index of %s to schema %d once; unchanged files are "
+                                    "not read again", root, SCHEMA)
                     self.gen, self.built_ns = gen, int(gen.header["built_ns"])
                     self.rows = {rel: i for i, rel in enumerate(gen.rel_list())}
             return
@@ -585,9 +692,10 @@ class _Previous:
         return np.where(ok, row, -1)
 
 
-def _reusable(old: dict | None, size: int, mtime_ns: int, path: str, converted: Path, built_ns: int) -> dict | None:
-    """The cached entry if the file is unchanged, else None. Files modified within RACY_NS of the
-    last build could have changed without a visible mtime change, so their bytes are re-hashed."""
+def _reusable(old: dict | None, size: int, mtime_ns: int, c: _Candidate, converted: Path, built_ns: int) -> dict | None:
+    """The cached entry if the file (or member) is unchanged, else None. Files modified within RACY_NS
+    of the last build could have changed without a visible mtime change, so their bytes are re-hashed;
+    so are the members of a shard whose mtime changed but not its size (each member on its own)."""
     if not old or old.get("status") == "converted" and not converted.exists():
         return None
     if old["size"] != size:
@@ -595,7 +703,7 @@ def _reusable(old: dict | None, size: int, mtime_ns: int, path: str, converted: 
     if old["mtime_ns"] == mtime_ns and mtime_ns < built_ns - RACY_NS:
         return old
     with contextlib.suppress(OSError):
-        if hashlib.sha256(_read_bytes(path)).hexdigest() == old["sha256"]:
+        if hashlib.sha256(_read_bytes(c.path, *c.span)).hexdigest() == old["sha256"]:
             return old | {"mtime_ns": mtime_ns}
     return None
 
@@ -636,11 +744,14 @@ def _converted(work: Path, rel: str) -> Path:
 
 def _plan(root: Path, work: Path, guard: _Guard, max_pixels: int) -> _Plan:
     previous = _Previous(work, root)
-    found = _discover(root, work, guard)
+    found = _discover(root, guard)
     cands = sorted(found.candidates, key=lambda c: c.rel)
     entries: dict[str, dict] = {}
     stats = []
     for c in cands:
+        if c.shard >= 0:  # a member: its shard's stat, taken when its offsets were listed
+            stats.append(found.shard_stats[c.shard])
+            continue
         try:
             st = os.stat(c.path)
             stats.append((st.st_size, st.st_mtime_ns))
@@ -651,12 +762,16 @@ def _plan(root: Path, work: Path, guard: _Guard, max_pixels: int) -> _Plan:
     rels = [c.rel for c in cands]
     reuse = previous.trusted(rels, stat[:, 0], stat[:, 1], max_pixels)
     failed_reads = _failed_reads(work / READ_ERRORS_FILE)
+    prefix = f"{found.base}/"  # + rel: the sample's paths[i] (open_index), as FileReader reports it
+
+    def listed(c: _Candidate) -> bool:
+        return bool(failed_reads) and (prefix + c.rel in failed_reads or str(_converted(work, c.rel)) in failed_reads)
+
     if previous.gen is not None:  # a converted entry needs its copy; a file training could not read is redone
         status = np.asarray(previous.gen["status"])
         for i in np.flatnonzero(reuse >= 0):
             c = cands[i]
-            if (status[reuse[i]] == CONVERTED and not _converted(work, c.rel).exists()
-                    or failed_reads and (c.path in failed_reads or str(_converted(work, c.rel)) in failed_reads)):
+            if status[reuse[i]] == CONVERTED and not _converted(work, c.rel).exists() or listed(c):
                 reuse[i] = -1
     todo: list[_Candidate] = []
     newest_ns = int(stat[reuse >= 0, 1].max()) if (reuse >= 0).any() else 0
@@ -665,8 +780,7 @@ def _plan(root: Path, work: Path, guard: _Guard, max_pixels: int) -> _Plan:
         if c.rel in entries:  # cannot stat
             continue
         conv = _converted(work, c.rel)
-        listed = c.path in failed_reads or str(conv) in failed_reads
-        hit = None if listed else _reusable(previous.get(c.rel), size, mtime, c.path, conv, previous.built_ns)
+        hit = None if listed(c) else _reusable(previous.get(c.rel), size, mtime, c, conv, previous.built_ns)
         if hit is not None and not _limit_changed(hit, max_pixels):
             entries[c.rel] = hit
             newest_ns = max(newest_ns, mtime)
@@ -713,9 +827,13 @@ def _columns(plan: _Plan, work: Path) -> tuple[dict[str, np.ndarray], dict]:
                "labels": np.fromiter((c.label for c in rows), np.int32, count=n),
                "sizes": sizes[order], "src_stats": src[order], "read_stats": read[order], "sha256": sha[order]}
     found = plan.found
-    header = {"root": "", "kind": found.kind, "classes": found.classes, "n": n, "n_ok": n_ok,
-              "pre_quarantine": [list(q) for q in found.quarantine], "reasons": [reasons[i] for i in order[n_ok:].tolist()],
-              "ignored": dict(found.ignored.most_common(5))}
+    if found.kind == "webdataset":  # where each member's bytes are (from this listing, never an older one)
+        ranges = np.array([(c.shard, c.offset, c.length) for c in rows], np.int64).reshape(n, 3)
+        ranges[columns["status"] == CONVERTED] = -1  # the loaders read the copy
+        columns["ranges"] = ranges
+    header = {"root": "", "kind": found.kind, "base": str(found.base), "shards": found.shards, "classes": found.classes,
+              "n": n, "n_ok": n_ok, "pre_quarantine": [list(q) for q in found.quarantine],
+              "reasons": [reasons[i] for i in order[n_ok:].tolist()], "ignored": dict(found.ignored.most_common(5))}
     return columns, header
 
 
@@ -723,9 +841,10 @@ def _same(previous: _Previous, columns: dict[str, np.ndarray], header: dict) -> 
     g = previous.gen
     if g is None:
         return False
-    keys = ("root", "kind", "classes", "n", "n_ok", "pre_quarantine", "reasons")
-    return (all(g.header.get(k) == header[k] for k in keys)
-            and all(np.array_equal(np.asarray(g[k]), v) for k, v in columns.items()))
+    keys = ("root", "kind", "base", "shards", "classes", "n", "n_ok", "pre_quarantine", "reasons")
+    old_columns = g.columns | ({} if g.ranges is None else {"ranges": g.ranges})
+    return (g.schema == SCHEMA and all(g.header.get(k) == header[k] for k in keys) and set(old_columns) == set(columns)
+            and all(np.array_equal(np.asarray(old_columns[k]), v) for k, v in columns.items()))
 
 
 def _publish(root: Path, work: Path, plan: _Plan) -> str:
@@ -751,6 +870,8 @@ def _publish(root: Path, work: Path, plan: _Plan) -> str:
         if prev.legacy is not None:  # converted: the JSON index is no longer read
             for old in (prev.legacy, work / ".lock"):
                 old.unlink(missing_ok=True)
+        # shards were extracted here before they were read in place (schema 2): nothing reads the copies now
+        shutil.rmtree(work / "extracted", ignore_errors=True)
     if plan.failed_reads:  # every file listed there was validated again
         log.warning("genssl.data: re-validated %d file(s) that could not be read during training (%s)",
                     len(plan.failed_reads), work / READ_ERRORS_FILE)
@@ -763,14 +884,24 @@ def _publish(root: Path, work: Path, plan: _Plan) -> str:
     return name
 
 
-def _todo_args(work: Path, rels: list[str], paths: list[str], max_pixels: int) -> list[tuple[str, str, int]]:
-    return [(p, str(_converted(work, rel)), max_pixels) for rel, p in zip(rels, paths)]
+def _todo(plan: _Plan) -> dict[str, list]:
+    """What is left to validate, as JSON (``todo.json`` for the other ranks): per file its relative
+    path, the file to read, and for a WebDataset member (offset, length, shard bytes, shard mtime_ns)."""
+    stats = plan.found.shard_stats
+    return {"rels": [c.rel for c in plan.todo], "paths": [c.path for c in plan.todo],
+            "members": [[*c.span, *stats[c.shard]] if c.shard >= 0 else [] for c in plan.todo]}
+
+
+def _todo_args(work: Path, todo: dict[str, list], lo: int, hi: int, max_pixels: int) -> list[tuple]:
+    """`_inspect` arguments of entries ``lo:hi`` of `_todo`."""
+    return [(p, str(_converted(work, rel)), max_pixels, member)
+            for rel, p, member in zip(todo["rels"][lo:hi], todo["paths"][lo:hi], todo["members"][lo:hi])]
 
 
 def _build_alone(root: Path, work: Path, guard: _Guard, max_pixels: int, num_workers: int | None) -> str:
     plan = _plan(root, work, guard, max_pixels)
-    rels, paths = [c.rel for c in plan.todo], [c.path for c in plan.todo]
-    for rel, result in zip(rels, _validate(_todo_args(work, rels, paths, max_pixels), num_workers)):
+    todo = _todo(plan)
+    for rel, result in zip(todo["rels"], _validate(_todo_args(work, todo, 0, len(plan.todo), max_pixels), num_workers)):
         plan.entries[rel] = result
     return _publish(root, work, plan)
 
@@ -786,13 +917,13 @@ def _build_together(root: Path, work: Path, guard: _Guard, max_pixels: int, num_
             if rank == 0:
                 prune_runs(work / "runs")
                 plan = _plan(root, work, guard, max_pixels)
-                todo = {"rels": [c.rel for c in plan.todo], "paths": [c.path for c in plan.todo]}
+                todo = _todo(plan)
                 run.publish("todo.json", todo)
             else:
                 todo = run.wait("todo.json", [0], "find the files of")
             n = len(todo["rels"])
             lo, hi = rank * n // world_size, (rank + 1) * n // world_size
-            mine = _validate(_todo_args(work, todo["rels"][lo:hi], todo["paths"][lo:hi], max_pixels), num_workers)
+            mine = _validate(_todo_args(work, todo, lo, hi, max_pixels), num_workers)
             if rank != 0:
                 run.publish(f"part-{rank}.json", mine)
                 return run.wait("done.json", [0], "merge")["generation"]
@@ -845,12 +976,13 @@ def open_index(root: str | os.PathLike, cache_dir: str | os.PathLike | None = No
             sha = g["sha256"]
             fingerprint = _fingerprint(names, ((r, int(y), sha[i].tobytes().hex()) for i, (r, y) in
                                                enumerate(zip(PathColumn(rel, offsets, n_ok), labels))))
-    read_prefix = str(work / "extracted") + "/" if h["kind"] == "webdataset" else str(root) + "/"
+    base = h.get("base", str(root))  # bench/scale.py's listing index names no base: the root
     return DatasetIndex(
-        root=root, paths=PathColumn(rel, offsets, n_ok, read_prefix, g["status"], str(work / "converted") + "/", g.folder),
+        root=root, paths=PathColumn(rel, offsets, n_ok, base + "/", g["status"], str(work / "converted") + "/", g.folder),
         source_paths=PathColumn(rel, offsets, n_ok, folder=g.folder), sizes=g["sizes"][:n_ok], labels=labels,
         classes=names, fingerprint=fingerprint, quarantine=quarantine, report=report,
-        file_stats=g["read_stats"][:n_ok])
+        file_stats=g["read_stats"][:n_ok], ranges=None if g.ranges is None else g.ranges[:n_ok],
+        shards=[os.path.join(base, name) for name in h.get("shards", [])])
 
 
 def _label_by_name(own: list[str], classes: list[str], root: Path) -> np.ndarray:

@@ -18,10 +18,18 @@ Columns (``n`` rows):
 ``src_stats``       int64 [n, 2]      (bytes, mtime_ns) of the source file when validated
 ``read_stats``      int64 [n, 2]      (bytes, mtime_ns) of the file the loaders read (the copy if converted)
 ``sha256``          uint8 [n, 32]     content hash of the source file (fingerprint, racy-clean checks)
+``ranges``          int64 [n, 3]      WebDataset only (absent for folders): (shard, offset, length) of a
+                                      member read in place, ``shard`` numbering the header's ``shards``;
+                                      (-1, -1, -1) for a converted member (read its copy)
 ==================  ===============  ===========================================================
 
-The header holds the schema version, layout kind, root, class names, counts, the fingerprint, the
-build time, problems found before decoding (``pre_quarantine``) and one reason per quarantined row.
+For a WebDataset member ``src_stats`` and ``read_stats`` are its *shard's* (bytes, mtime_ns): a shard
+that changes is re-validated member by member, and the loaders skip its members until then.
+
+The header holds the schema version, layout kind, root, ``base`` (the folder ``rel`` is relative to:
+the root, or the folder holding a single-shard root), ``shards`` (WebDataset: shard file names in
+``base``), class names, counts, the fingerprint, the build time, problems found before decoding
+(``pre_quarantine``) and one reason per quarantined row.
 
 A generation is written into a temp folder, every file fsynced, renamed into place, and then
 published by atomically replacing ``CURRENT`` (a one-line JSON naming it). Rename is the only
@@ -42,13 +50,17 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-SCHEMA = 2  # 1 was one JSON document (index.json)
+SCHEMA = 3  # 2: no ranges (WebDataset shards were extracted into the cache); 1: one JSON document (index.json)
+# Older generations a build may take as its previous one: a schema-2 folder index has the same rows
+# (no ranges); its WebDataset rows describe extracted copies and are not reused (index.py, _Previous).
+UPGRADABLE = (2,)
 CURRENT = "CURRENT"
 KEEP_GENERATIONS = 2
 OK, CONVERTED, BAD, TOO_LARGE = 0, 1, 2, 3
 CONVERTED_SUFFIX = ".rgb8.jpg"
 COLUMNS = {"rel": np.uint8, "rel_offsets": np.int64, "status": np.uint8, "labels": np.int32, "sizes": np.int32,
            "src_stats": np.int64, "read_stats": np.int64, "sha256": np.uint8}
+OPTIONAL_COLUMNS = {"ranges": np.int64}  # written only for WebDataset layouts
 
 
 def unique_tmp(path: Path) -> Path:
@@ -85,13 +97,14 @@ def encode_rel(rels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 
 def write_generation(work: Path, columns: dict[str, np.ndarray], header: dict) -> str:
     """Write one generation into ``work`` and publish it as CURRENT; returns its folder name."""
-    assert set(columns) == set(COLUMNS), sorted(set(columns) ^ set(COLUMNS))
+    assert set(COLUMNS) <= set(columns) <= set(COLUMNS) | set(OPTIONAL_COLUMNS), sorted(set(columns) ^ set(COLUMNS))
+    dtypes = COLUMNS | OPTIONAL_COLUMNS
     name = f"columns-{time.time_ns()}-{os.urandom(3).hex()}"
     tmp = work / f".tmp-{name}"
     tmp.mkdir(parents=True)
     for key, array in columns.items():
         with open(tmp / f"{key}.npy", "wb") as f:
-            np.save(f, np.ascontiguousarray(array, dtype=COLUMNS[key]))
+            np.save(f, np.ascontiguousarray(array, dtype=dtypes[key]))
             f.flush()
             os.fsync(f.fileno())
     atomic_write(tmp / "header.json", json.dumps(header | {"schema": SCHEMA}).encode())
@@ -121,27 +134,32 @@ def _prune(work: Path, keep: set[str]) -> None:
             pass
 
 
-def current_generation(work: Path) -> str | None:
-    """The published generation's folder name, or None (no columnar index here yet)."""
+def current_generation(work: Path, schemas: Sequence[int] = (SCHEMA,)) -> str | None:
+    """The published generation's folder name, or None (no columnar index of one of ``schemas`` here yet)."""
     try:
         doc = json.loads((work / CURRENT).read_text())
     except (OSError, ValueError):
         return None
-    name = doc.get("generation") if isinstance(doc, dict) and doc.get("schema") == SCHEMA else None
+    name = doc.get("generation") if isinstance(doc, dict) and doc.get("schema") in schemas else None
     return name if isinstance(name, str) and (work / name / "header.json").is_file() else None
 
 
 class Generation:
-    """One generation opened read-only: ``header`` (dict) and the columns as memory maps."""
+    """One generation opened read-only: ``header`` (dict), the columns as memory maps, and ``ranges``
+    (the optional column: None when absent, i.e. every row is a file)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, schemas: Sequence[int] = (SCHEMA,)) -> None:
         self.folder = Path(folder)
         self.header = json.loads((self.folder / "header.json").read_text())
-        if self.header.get("schema") != SCHEMA:
-            raise ValueError(f"{self.folder} has index schema {self.header.get('schema')}, expected {SCHEMA}")
+        self.schema = self.header.get("schema")
+        if self.schema not in schemas:
+            raise ValueError(f"{self.folder} has index schema {self.schema}, expected {SCHEMA}")
         self.columns = {k: np.load(self.folder / f"{k}.npy", mmap_mode="r") for k in COLUMNS}
+        ranges = self.folder / "ranges.npy"
+        self.ranges = np.load(ranges, mmap_mode="r") if ranges.is_file() else None
         self.n, self.n_ok = int(self.header["n"]), int(self.header["n_ok"])
         assert len(self.columns["rel_offsets"]) == self.n + 1 and len(self.columns["status"]) == self.n
+        assert self.ranges is None or self.ranges.shape == (self.n, 3)
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self.columns[key]

@@ -10,6 +10,7 @@ loader uses: order is reproducible, crops are only reproducible with ``num_worke
 
 from __future__ import annotations
 
+import io
 import math
 from typing import Iterator
 
@@ -20,7 +21,7 @@ from torchvision.transforms import v2
 
 from genssl.data.augment import MultiCropSpec
 from genssl.data.dali_loader import epoch_batches
-from genssl.data.index import DatasetIndex
+from genssl.data.index import DatasetIndex, read_sample_bytes
 
 
 def _blur_kernel(size: int, sigma_max: float) -> int:
@@ -50,14 +51,14 @@ def dino_transforms(spec: MultiCropSpec) -> list[v2.Transform]:
 
 class _MultiCropDataset(Dataset):
     def __init__(self, index: DatasetIndex, spec: MultiCropSpec) -> None:
-        self.paths = index.paths
+        self.index = index
         self.transforms = dino_transforms(spec)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.index)
 
     def __getitem__(self, i: int) -> tuple[list[torch.Tensor], int]:
-        with Image.open(self.paths[i]) as img:
+        with Image.open(io.BytesIO(read_sample_bytes(self.index, i))) as img:  # a file or a WebDataset member
             img = img.convert("RGB")
         return [t(img) for t in self.transforms], i
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import os
 from pathlib import Path
 from typing import Sequence
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from genssl.data.index import DatasetIndex, read_sample_bytes
 from genssl.generators.samplers import _row_generators
 
 __all__ = ["load_image_variation_pipeline", "ImageVariationSampler", "pipeline_hash"]
@@ -169,15 +171,15 @@ class ImageVariationSampler(PipelineViewSampler):
         encoder = self.pipe.image_encoder
         return encoder(x.to(self.device, next(encoder.parameters()).dtype)).image_embeds.float().cpu()
 
-    def embed_sources(self, paths: Sequence[str]):
-        """``callable(indices int64[n]) -> [n, E]``: the embeddings of ``paths[i]`` (decoded with PIL),
-        for :func:`~genssl.generators.job.run_generation`."""
+    def embed_sources(self, index: DatasetIndex):
+        """``callable(indices int64[n]) -> [n, E]``: the embeddings of ``index``'s samples (decoded with
+        PIL; files or WebDataset members), for :func:`~genssl.generators.job.run_generation`."""
         from PIL import Image
 
         def embeddings(idx: np.ndarray) -> np.ndarray:
             images = []
             for i in np.asarray(idx).reshape(-1):
-                with Image.open(paths[int(i)]) as im:
+                with Image.open(io.BytesIO(read_sample_bytes(index, int(i)))) as im:
                     images.append(np.array(im.convert("RGB")))
             return self.embed(images).numpy()
 

@@ -245,7 +245,7 @@ def _pipeline_generator(cfg: GenerateConfig, dist: DistInfo) -> _Generator:
                               "views, e.g. a recipes/ssl_methods.py run); or pass report=false")
         report_input = encoder_input(load_encoder(cfg.encoder)[1])
     attrs = {"pipeline": str(Path(cfg.pipeline).resolve()), "data": cfg.data}
-    return _Generator(index, sampler, lambda: (sampler.embed_sources(index.paths), attrs), cfg.encoder,
+    return _Generator(index, sampler, lambda: (sampler.embed_sources(index), attrs), cfg.encoder,
                       report_input)
 
 

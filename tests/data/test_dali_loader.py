@@ -129,7 +129,7 @@ def test_eval_covers_every_sample_once(shapes, within_normalised_range):
 def test_eval_centre_region():
     sizes = np.array([[400, 300], [32, 32], [20, 40]])
     fake = type("I", (), {"sizes": sizes, "labels": np.zeros(3, np.int64), "__len__": lambda s: 3, "paths": [""] * 3,
-                          "report": None, "root": "", "file_stats": None})()
+                          "report": None, "root": "", "file_stats": None, "ranges": None, "shards": []})()
     loader = DaliEvalLoader(fake, size=32, batch_size=2, rank=0, world_size=1)
     roi = loader.centre_rois(np.arange(3))
     np.testing.assert_allclose(roi[0], [0.0625, 0.171875, 0.9375, 0.828125])  # 262.5 px centre square

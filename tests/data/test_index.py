@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from genssl.data import index as index_mod
-from genssl.data.index import build_index, index_cache_dir
+from genssl.data.index import build_index, index_cache_dir, read_sample_bytes
 
 
 def test_quarantine_and_conversion(corpus, tmp_path, caplog):
@@ -141,9 +141,12 @@ def test_webdataset_shards(tmp_path, make_image):
     assert ix.source_paths[0] == "shard-0000.tar/s0k0.jpg"
     assert list(ix.labels) == [(s + k) % 2 for s in range(2) for k in range(3)]
     assert {rel for rel, _ in ix.quarantine} == {"shard-0000.tar/broken.jpg", "shard-0001.tar/broken.jpg"}
-    assert all(Path(p).is_relative_to(index_cache_dir(root, tmp_path / "c")) for p in ix.paths)
+    # read in place (tests/data/test_webdataset_in_place.py): paths name the members, nothing is extracted
+    assert list(ix.paths) == [f"{root}/{rel}" for rel in ix.source_paths] and (ix.ranges[:, 0] >= 0).all()
+    assert not (index_cache_dir(root, tmp_path / "c") / "extracted").exists()
     again = build_index(root / "shard-0001.tar", cache_dir=tmp_path / "c2")  # a single shard works too
-    assert len(again) == 3
+    assert len(again) == 3 and again.paths[0] == f"{root}/shard-0001.tar/s1k0.jpg"
+    assert read_sample_bytes(again, 0) == make_image(10)
 
 
 def test_truncated_shard_keeps_members_before_the_damage(tmp_path, make_image):
@@ -219,3 +222,48 @@ def test_pixel_limit_option_and_cache(tmp_path, make_image):
     assert lower.source_paths == ["small.jpg"] and [q[0] for q in lower.quarantine] == ["big.png"]
     with pytest.raises(ValueError, match="max_pixels must be a positive pixel count"):
         build_index(root, cache_dir=tmp_path / "c", max_pixels=0)
+
+
+def _as_schema2(work: Path) -> None:
+    """Turn the published generation into what the previous release wrote (schema 2: no ranges column)."""
+    current = json.loads((work / "CURRENT").read_text())
+    gen = work / current["generation"]
+    header = json.loads((gen / "header.json").read_text())
+    (gen / "header.json").write_text(json.dumps({k: v for k, v in header.items() if k not in ("base", "shards")}
+                                                | {"schema": 2}))
+    (gen / "ranges.npy").unlink(missing_ok=True)
+    (work / "CURRENT").write_text(json.dumps(current | {"schema": 2}))
+
+
+def test_schema2_folder_index_is_upgraded_without_reading_files(corpus, tmp_path, monkeypatch, caplog):
+    root, _ = corpus
+    for f in root.rglob("*"):  # an hour old: size + mtime are trusted
+        if f.is_file():
+            os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns - 3600 * 10**9))
+    first = build_index(root, cache_dir=tmp_path / "c")
+    work = index_cache_dir(root, tmp_path / "c")
+    _as_schema2(work)
+    monkeypatch.setattr(index_mod, "_read_bytes", lambda *a: pytest.fail("an unchanged file was read again"))
+    with caplog.at_level(logging.WARNING, logger="genssl.data"):
+        again = build_index(root, cache_dir=tmp_path / "c")
+    assert any("upgrading the index" in r.getMessage() and "schema 3" in r.getMessage() for r in caplog.records)
+    assert json.loads((work / "CURRENT").read_text())["schema"] == 3 and again.ranges is None
+    assert again.fingerprint == first.fingerprint and again.paths == first.paths and again.quarantine == first.quarantine
+
+
+def test_schema2_webdataset_index_is_rebuilt_and_its_extracted_copies_deleted(tmp_path, make_image, caplog):
+    root = tmp_path / "wds"
+    root.mkdir()
+    with tarfile.open(root / "a.tar", "w") as tf:
+        for k in range(3):
+            _add(tf, f"k{k}.jpg", make_image(k))
+    first = build_index(root, cache_dir=tmp_path / "c")
+    work = index_cache_dir(root, tmp_path / "c")
+    _as_schema2(work)
+    (work / "extracted" / "a.tar").mkdir(parents=True)  # the copies the previous release made
+    (work / "extracted" / "a.tar" / "k0.jpg").write_bytes(make_image(0))
+    with caplog.at_level(logging.WARNING, logger="genssl.data"):
+        again = build_index(root, cache_dir=tmp_path / "c")
+    assert any("now read in place" in r.getMessage() for r in caplog.records)
+    assert not (work / "extracted").exists() and again.fingerprint == first.fingerprint
+    assert again.ranges.tolist() == first.ranges.tolist()
