@@ -4,6 +4,7 @@ the schema-1 layout it replaced (raw uint8, one chunk file per source per array)
 
     python -m genssl.bench.scale_views                          # N = 10k, 100k; 32², 256²
     python -m genssl.bench.scale_views --sizes 2000 --sides 32  # a quick run
+    python -m genssl.bench.scale_views --no-store               # only the Gen-SIS loader's host cost
 
 The views are SYNTHETIC: smooth noise (a sum of bicubically upsampled Gaussian noise octaves, the
 amplitude ×0.55 per octave, rescaled to 0..255) cut at per-source offsets from a bank of 64 larger
@@ -17,7 +18,8 @@ what generators/job.py does today); reads go in a random order over up to
 and ``views`` (decoded on the host with Pillow). The raw layout is written with plain Zarr exactly as
 schema 1 stored it, one source at a time (at N ≤ ``--raw-max-sources``: its rate does not depend on N,
 and 100k sources of it take half an hour here).
-Writes ``bench/results/<date>-scale-views-cpu.json`` (atomically) and prints a table.
+Writes ``bench/results/<date>-scale-views-cpu.json`` (atomically) and prints a table. Then the Gen-SIS
+loader's host cost per sample at N = 10k and 100k (`measure_loader`), into ``<date>-scale-loader-cpu.json``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import numpy as np
 
 from genssl.data.viewstore import create_view_store, open_view_store
 
-__all__ = ["natural_image", "ViewBank", "measure_store", "measure_raw", "run", "main"]
+__all__ = ["natural_image", "ViewBank", "measure_store", "measure_raw", "measure_loader", "run", "main"]
 
 
 def natural_image(rng: np.random.Generator, side: int) -> np.ndarray:
@@ -154,6 +156,45 @@ def measure_raw(root: Path, n: int, side: int, bank: ViewBank, *, shard_size: in
             "files_views_array": files, "files_per_1000_sources_per_array": 1000 * files / n, "write_seconds": write_s}
 
 
+def measure_loader(root: Path, n: int, side: int, bank: ViewBank, *, batch_size: int = 32, steps: int = 40,
+                   read_threads: int = 4) -> dict:
+    """The Gen-SIS loader's host cost per sample at N sources: `_GenSISFeed.batch` (file reads with their
+    checks, synthetic and interpolated view reads with crc32c, partner reads, crop parameters: all that
+    runs in Python before DALI decodes) for ``steps`` batches spread over the epoch, p_gen = 0.5,
+    K = J = 1. The real images are tiny JPEG hard links (bench/scale.py `make_files`), so file reads cost
+    what a page-cache hit costs; the views are ``side``² JPEG q95 in a schema-2 store."""
+    from genssl.bench.scale import _jpeg, layout, make_files
+    from genssl.data.augment import MultiCropSpec
+    from genssl.data.gensis_loader import GenSISLoader
+    from genssl.data.index import build_index
+
+    images = root / f"images-{n}"
+    make_files(images, layout(n), _jpeg(16, 16))
+    index = build_index(images, cache_dir=root / "cache")
+    path = root / f"v2-loader-{n}-{side}.zarr"
+    st = create_view_store(path, n, 1, 1, side, side, {"fingerprint": index.fingerprint, "generator_hash": "bench"})
+    for g0 in range(0, n, 64):
+        idx = list(range(g0, min(g0 + 64, n)))
+        views = np.stack([bank(i)[None] for i in idx])
+        st.write_sources(idx, views, np.zeros((len(idx), 1)), interp=views[:, :, ::-1], partners=[[(i + 1) % n] for i in idx],
+                         alphas=np.full((len(idx), 1), 0.5), durable=False)
+    spec = MultiCropSpec(global_size=32, local_size=16, n_local=2)
+    loader = GenSISLoader(index, path, spec, batch_size, 0, 1, seed=0, p_gen=0.5, interpolation=True, read_threads=read_threads)
+    order = loader.batches()
+    picks = np.linspace(0, len(order) - 1, steps).astype(int)
+    loader._feed.batch(order, 0, int(picks[0]))  # opens the store and the thread pool
+    t0 = time.perf_counter()
+    for step in picks:
+        loader._feed.batch(order, 0, int(step))
+    host_s = time.perf_counter() - t0
+    shutil.rmtree(path)
+    shutil.rmtree(images, ignore_errors=True)
+    shutil.rmtree(root / f".bases-{images.name}", ignore_errors=True)
+    return {"layout": f"Gen-SIS loader host feed (p_gen 0.5, K = J = 1, {read_threads} read threads)", "n_sources": n,
+            "side": side, "host_us_per_sample": 1e6 * host_s / (steps * batch_size),
+            "host_samples_per_s": steps * batch_size / host_s, "steps_timed": steps, "batch_size": batch_size}
+
+
 def run(sizes=(10_000, 100_000), sides=(32, 256), *, root: Path | None = None, raw_max_sources: int = 10_000,
         per_source_n: int = 2_000, max_pixels: float = float("inf"), read_sample: int = 3000, log=print,
         on_row=None) -> list[dict]:
@@ -200,6 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-pixels", type=float, default=float("inf"), help="skip (N, side) with N·side² above this")
     ap.add_argument("--read-sample", type=int, default=3000)
     ap.add_argument("--tmp", type=Path, default=None, help="where the stores are written (default: the system temp)")
+    ap.add_argument("--loader-sizes", type=int, nargs="*", default=[10_000, 100_000],
+                    help="N for the Gen-SIS loader's host cost (`measure_loader`, 32² views); none: skip it")
+    ap.add_argument("--no-store", action="store_true", help="only the loader's host cost")
     ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args(argv)
     report = {"date": datetime.date.today().isoformat(), "device": "cpu", "cpus": os.cpu_count(),
@@ -213,10 +257,23 @@ def main(argv: list[str] | None = None) -> None:
     def save(rows):  # after every row: a long run that is stopped keeps what it measured
         write_json_atomic(out, {**report, "results": rows, "load_average_now": os.getloadavg()})
 
-    rows = run(args.sizes, args.sides, root=args.tmp, raw_max_sources=args.raw_max_sources,
-               per_source_n=args.per_source_n, max_pixels=args.max_pixels, read_sample=args.read_sample, on_row=save)
-    write_json_atomic(out, {**report, "complete": True, "results": rows, "load_average_now": os.getloadavg()})
-    print(f"wrote {out}", flush=True)
+    if not args.no_store:
+        rows = run(args.sizes, args.sides, root=args.tmp, raw_max_sources=args.raw_max_sources,
+                   per_source_n=args.per_source_n, max_pixels=args.max_pixels, read_sample=args.read_sample, on_row=save)
+        write_json_atomic(out, {**report, "complete": True, "results": rows, "load_average_now": os.getloadavg()})
+        print(f"wrote {out}", flush=True)
+    if args.loader_sizes:
+        loader_out = out.with_name(f"{report['date']}-scale-loader-cpu.json")
+        rows = []
+        with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+            bank = ViewBank(32)
+            for n in args.loader_sizes:
+                rows.append(measure_loader(Path(tmp), n, 32, bank))
+                print(f"{rows[-1]['layout']} N={n:>7}: {rows[-1]['host_us_per_sample']:.0f} µs per sample on the host",
+                      flush=True)
+                write_json_atomic(loader_out, {**report, "synthetic": "tiny JPEG hard links as images, smooth-noise "
+                                               "32² views", "results": rows, "load_average_now": os.getloadavg()})
+        print(f"wrote {loader_out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -518,6 +518,8 @@ class ViewStore:
             self._check_codecs(name)
         self._writer: tuple[int, int] | None = None
         self._staged_shards: set[int] | None = None     # shards with a staging folder (lazy)
+        # read-only: each chunk of (partners, α) read once, not once per source (`_interp_meta`)
+        self._interp_meta_chunks: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if mode == "r" else None
         self._done_cache: dict[int, np.ndarray] = {}      # a writer's done flags of the shards it wrote
         self._indices: dict[str, tuple[tuple, _ShardFile]] = {}  # shard file -> (stat key, parsed index)
 
@@ -802,7 +804,23 @@ class ViewStore:
         staged = self._staged_meta(i)
         if staged is not None:
             return staged[1], staged[2]
-        return self._read("interp_partner", i, f"source {i}"), self._read("interp_alpha", i, f"source {i}")
+        if self._interp_meta_chunks is None:  # a writable store may change under the reader
+            return self._read("interp_partner", i, f"source {i}"), self._read("interp_alpha", i, f"source {i}")
+        # A read-only store keeps the chunk holding i: reading a few bytes per source through Zarr cost
+        # ~0.8 ms each, 85 % of the Gen-SIS loader's host time (docs/SCALING.md); the arrays are
+        # 12·J bytes per source. A chunk that is missing or corrupt fails as the per-source read did.
+        chunk = self._arrays["interp_partner"].chunks[0]
+        lo = (i // chunk) * chunk
+        held = self._interp_meta_chunks.get(lo)
+        if held is None:
+            hi = min(lo + chunk, self.n_sources)
+            what = f"source {i}"  # errors name the source asked for; they give the chunk's range too
+            for name in ("interp_partner", "interp_alpha"):
+                self._read(name, lo, what)  # the missing-chunk check a slice read skips
+            held = (np.asarray(self._read("interp_partner", slice(lo, hi), what)),
+                    np.asarray(self._read("interp_alpha", slice(lo, hi), what)))
+            self._interp_meta_chunks[lo] = held
+        return held[0][i - lo], held[1][i - lo]
 
     def interp(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(uint8 [J, H, W, 3] decoded, partners int64 [J], α float32 [J])``."""

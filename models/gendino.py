@@ -144,4 +144,5 @@ class GenDINOObjective(DINOObjective):
         loss_dis = disentanglement_loss(self.loss, teacher_dino[:B], teacher_partner, alpha, student_interp, temp)
         self.defer_center_update(teacher_dino)
         loss = loss_dino + self.gen.lambda_dis * loss_dis
-        return loss, {"loss_dino": loss_dino.detach(), "loss_dis": loss_dis.detach(), "teacher_temp": torch.tensor(temp)}
+        return loss, {"loss_dino": loss_dino.detach(), "loss_dis": loss_dis.detach(), "teacher_temp": torch.tensor(temp),
+                      "head_entropy": self.watch_collapse(student_dino)}

@@ -8,8 +8,11 @@ which method is running.
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from genssl.models.backbones import build_backbone
@@ -48,6 +51,10 @@ def build_dino_student(model: str, img_size: int, patch_size: int, cfg: DINOConf
     return MultiCropWrapper(backbone, head)
 
 
+COLLAPSE_ENTROPY = 0.999  # student output entropy / ln(out_dim) above which the output counts as uniform
+COLLAPSE_STEPS = 50
+
+
 class DINOObjective(nn.Module):
     """``L_DINO``: teacher sees the global crops, the student every crop (crop-major batches).
 
@@ -67,6 +74,7 @@ class DINOObjective(nn.Module):
         self.teacher_temps = warmup_then_constant(cfg.warmup_teacher_temp, cfg.teacher_temp,
                                                   cfg.warmup_teacher_temp_epochs, epochs)
         self._pending_center: torch.Tensor | None = None  # teacher outputs of the last step, until it is kept
+        self._uniform_steps = 0  # consecutive steps with a uniform student output (`watch_collapse`)
 
     def defer_center_update(self, teacher_out: torch.Tensor) -> None:
         self._pending_center = teacher_out.detach()
@@ -76,6 +84,23 @@ class DINOObjective(nn.Module):
         assert self._pending_center is not None, "step_kept() without a training_loss() before it"
         self.loss.update_center(self._pending_center)
         self._pending_center = None
+
+    def watch_collapse(self, student_out: torch.Tensor) -> torch.Tensor:
+        """The student's mean output entropy over ln(out_dim) (1 = uniform), logged as ``head_entropy``.
+
+        A DINO head can collapse to a uniform output: the loss then sits at ln(out_dim) whatever the
+        teacher says, and the backbone stops learning, silently (docs/LEARNING.md saw it on the
+        built-in data). After `COLLAPSE_STEPS` steps in a row above `COLLAPSE_ENTROPY`, warn once."""
+        with torch.no_grad():
+            logp = F.log_softmax(student_out.float() / self.loss.student_temp, dim=-1)
+            entropy = -(logp.exp() * logp).sum(-1).mean() / math.log(student_out.shape[-1])
+        self._uniform_steps = self._uniform_steps + 1 if float(entropy) > COLLAPSE_ENTROPY else 0
+        if self._uniform_steps == COLLAPSE_STEPS:
+            warnings.warn(f"DINO: the student's output has been uniform for {COLLAPSE_STEPS} steps (entropy "
+                          f"{float(entropy):.4f} of ln(out_dim); the loss sits at ln(out_dim)): the head collapsed and "
+                          "the encoder stops learning. Lower optim.lr, keep dino.norm_last_layer=true, or lower "
+                          "dino.teacher_temp (docs/LEARNING.md)", RuntimeWarning, stacklevel=2)
+        return entropy
 
     def teacher_logits(self, crops: list[torch.Tensor]) -> torch.Tensor:
         device = crops[0].device
@@ -89,4 +114,4 @@ class DINOObjective(nn.Module):
         temp = float(self.teacher_temps[min(progress.epoch, self.epochs - 1)])
         loss = self.loss(student_out, teacher_out, temp, update_center=False)
         self.defer_center_update(teacher_out)
-        return loss, {"teacher_temp": torch.tensor(temp)}
+        return loss, {"teacher_temp": torch.tensor(temp), "head_entropy": self.watch_collapse(student_out)}

@@ -227,3 +227,24 @@ def test_cosine_schedule_endpoints_and_warmup() -> None:
     assert len(cosine_schedule(1.0, 0.0, total_steps=5, warmup_steps=5)) == 5
     with pytest.raises(ValueError):
         cosine_schedule(1.0, 0.0, total_steps=5, warmup_steps=6)
+
+
+def test_a_uniform_student_output_is_reported_as_a_collapse() -> None:
+    """`DINOObjective.watch_collapse`: entropy 1 for a uniform output, a warning after COLLAPSE_STEPS of
+    them in a row (and only then), the count reset by one informative step."""
+    from genssl.models.objectives import COLLAPSE_STEPS, DINOConfig, DINOObjective, build_dino_student
+
+    cfg = DINOConfig(out_dim=64, hidden_dim=32, bottleneck_dim=16, drop_path_rate=0.0)
+    objective = DINOObjective(build_dino_student("resnet18", 32, 16, cfg, 2, 8), cfg, 2, 1, torch.float32)
+    uniform, peaked = torch.zeros(6, 64), torch.randn(6, 64) * 10
+    assert float(objective.watch_collapse(uniform)) == pytest.approx(1.0)
+    assert float(objective.watch_collapse(peaked)) < 0.9  # resets the count
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(COLLAPSE_STEPS - 1):
+            objective.watch_collapse(uniform)
+        assert not caught
+        objective.watch_collapse(uniform)
+        objective.watch_collapse(uniform)
+    assert len(caught) == 1 and "head collapsed" in str(caught[0].message)
