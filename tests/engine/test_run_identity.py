@@ -62,7 +62,7 @@ def test_a_record_older_than_a_key_matches_while_the_key_keeps_its_default() -> 
 def test_evaluation_settings_do_not_count_for_a_checkpoint() -> None:
     stored = run_identity(gensis(), training_only=True)
     assert run_differences(stored, gensis("eval.knn_k=5", "eval.size=64", *NOT_RESULTS), training_only=True) == []
-    assert run_differences(stored, gensis("optim.lr=1e-3"), training_only=True) == ["optim.lr: 0.002 there, 0.001 now"]
+    assert run_differences(stored, gensis("optim.lr=1e-3"), training_only=True) == ["optim.lr: 0.01 there, 0.001 now"]
 
 
 def test_a_finished_stage_is_skipped_from_a_moved_folder_with_other_logging(tmp_path: Path) -> None:
@@ -75,7 +75,7 @@ def test_a_finished_stage_is_skipped_from_a_moved_folder_with_other_logging(tmp_
     assert finished(moved / "dino", again, CPU)["result"] == {"knn_top1": 12.5}
     with pytest.raises(ConfigError) as err:
         finished(moved / "dino", gensis(f"out={moved}", "optim.lr=1e-3"), CPU)
-    assert "optim.lr: 0.002 there, 0.001 now" in str(err.value) and "use a new out=" in str(err.value)
+    assert "optim.lr: 0.01 there, 0.001 now" in str(err.value) and "use a new out=" in str(err.value)
 
 
 # --- checkpoint resume through the real engine (one process, 2 steps) -------------------------------------------
