@@ -146,7 +146,13 @@ def test_sigkill_then_resume_gives_the_same_losses(reference: Path, tmp_path: Pa
     assert len(tags) <= 2 and tags[-1] == "step00000024"  # keep_last=2
 
 
-@pytest.mark.parametrize("stage, before, after", [(3, 2, 1), (3, 1, 2), (0, 2, 1), (1, 2, 1), (2, 1, 2)])
+_EXTENDED = pytest.mark.skipif(not os.environ.get("GENSSL_EXTENDED"), reason=(
+    "ZeRO-1/2 variants of the resize test (DeepSpeed's stage-1/2 universal path; both passed when added): about 3 more "
+    "minutes, so run with GENSSL_EXTENDED=1; the default suite keeps ZeRO-3 both ways and ZeRO-0"))
+
+
+@pytest.mark.parametrize("stage, before, after", [(3, 2, 1), (3, 1, 2), (0, 2, 1), pytest.param(1, 2, 1, marks=_EXTENDED),
+                                                  pytest.param(2, 1, 2, marks=_EXTENDED)])
 def test_resume_at_another_world_size(reference: Path, tmp_path: Path, stage: int, before: int, after: int) -> None:
     """A checkpoint of ``before`` ranks resumes on ``after`` ranks at the same global batch (4). ZeRO-3
     goes through DeepSpeed's universal form (the optimizer state re-partitioned); ZeRO-0 fp32 loads as
