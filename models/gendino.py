@@ -145,4 +145,4 @@ class GenDINOObjective(DINOObjective):
         self.defer_center_update(teacher_dino)
         loss = loss_dino + self.gen.lambda_dis * loss_dis
         return loss, {"loss_dino": loss_dino.detach(), "loss_dis": loss_dis.detach(), "teacher_temp": torch.tensor(temp),
-                      "head_entropy": self.watch_collapse(student_dino)}
+                      "head_entropy": self.head_entropy(student_dino)}

@@ -74,7 +74,8 @@ class DINOObjective(nn.Module):
         self.teacher_temps = warmup_then_constant(cfg.warmup_teacher_temp, cfg.teacher_temp,
                                                   cfg.warmup_teacher_temp_epochs, epochs)
         self._pending_center: torch.Tensor | None = None  # teacher outputs of the last step, until it is kept
-        self._uniform_steps = 0  # consecutive steps with a uniform student output (`watch_collapse`)
+        self._uniform_steps = 0  # consecutive kept steps with a uniform student output (`count_uniform`)
+        self._pending_entropy: torch.Tensor | None = None  # `head_entropy` of the last step, until it is kept
 
     def defer_center_update(self, teacher_out: torch.Tensor) -> None:
         self._pending_center = teacher_out.detach()
@@ -84,22 +85,37 @@ class DINOObjective(nn.Module):
         assert self._pending_center is not None, "step_kept() without a training_loss() before it"
         self.loss.update_center(self._pending_center)
         self._pending_center = None
+        if self._pending_entropy is not None:  # the step is decided, so the device is synced: no stall
+            self.count_uniform(float(self._pending_entropy))
+            self._pending_entropy = None
 
-    def watch_collapse(self, student_out: torch.Tensor) -> torch.Tensor:
-        """The student's mean output entropy over ln(out_dim) (1 = uniform), logged as ``head_entropy``.
+    def head_entropy(self, student_out: torch.Tensor) -> torch.Tensor:
+        """The student's mean output entropy over ln(out_dim) (1 = uniform), logged as ``head_entropy``;
+        stays on the device (read on the host in `step_kept`, after the trainer's own per-step sync).
 
         A DINO head can collapse to a uniform output: the loss then sits at ln(out_dim) whatever the
         teacher says, and the backbone stops learning, silently (docs/LEARNING.md saw it on the
-        built-in data). After `COLLAPSE_STEPS` steps in a row above `COLLAPSE_ENTROPY`, warn once."""
+        built-in data)."""
         with torch.no_grad():
             logp = F.log_softmax(student_out.float() / self.loss.student_temp, dim=-1)
             entropy = -(logp.exp() * logp).sum(-1).mean() / math.log(student_out.shape[-1])
-        self._uniform_steps = self._uniform_steps + 1 if float(entropy) > COLLAPSE_ENTROPY else 0
+        self._pending_entropy = entropy
+        return entropy
+
+    def count_uniform(self, entropy: float) -> None:
+        """After `COLLAPSE_STEPS` steps in a row above `COLLAPSE_ENTROPY`, warn once."""
+        self._uniform_steps = self._uniform_steps + 1 if entropy > COLLAPSE_ENTROPY else 0
         if self._uniform_steps == COLLAPSE_STEPS:
             warnings.warn(f"DINO: the student's output has been uniform for {COLLAPSE_STEPS} steps (entropy "
-                          f"{float(entropy):.4f} of ln(out_dim); the loss sits at ln(out_dim)): the head collapsed and "
+                          f"{entropy:.4f} of ln(out_dim); the loss sits at ln(out_dim)): the head collapsed and "
                           "the encoder stops learning. Lower optim.lr, keep dino.norm_last_layer=true, or lower "
                           "dino.teacher_temp (docs/LEARNING.md)", RuntimeWarning, stacklevel=2)
+
+    def watch_collapse(self, student_out: torch.Tensor) -> torch.Tensor:
+        """`head_entropy` and `count_uniform` at once (outside the training loop)."""
+        entropy = self.head_entropy(student_out)
+        self._pending_entropy = None
+        self.count_uniform(float(entropy))
         return entropy
 
     def teacher_logits(self, crops: list[torch.Tensor]) -> torch.Tensor:
@@ -114,4 +130,4 @@ class DINOObjective(nn.Module):
         temp = float(self.teacher_temps[min(progress.epoch, self.epochs - 1)])
         loss = self.loss(student_out, teacher_out, temp, update_center=False)
         self.defer_center_update(teacher_out)
-        return loss, {"teacher_temp": torch.tensor(temp), "head_entropy": self.watch_collapse(student_out)}
+        return loss, {"teacher_temp": torch.tensor(temp), "head_entropy": self.head_entropy(student_out)}
